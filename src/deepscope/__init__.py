@@ -1,2 +1,22 @@
 """deepscope: train a neural network while looking inside it."""
 __version__ = "0.1.0"
+
+from .callback import (
+    EVENTS, Callback, CallbackError, CancelBatchException, CancelEpochException, CancelFitException,
+    CancelTrainException, CancelValidateException,
+)
+from .callbacks import (
+    DeviceCallback, LimitBatches, MetricsCallback, OneCycle, ParamScheduler, ProgressCallback, Recorder,
+    SingleBatch, default_callbacks,
+)
+from .data import DataLoaders, TensorBatches, image_dls
+from .learner import Learner, TrainStep
+from .models import cnn, get_model, resnet
+from .seed import set_seed
+
+__all__ = [
+    "EVENTS", "Callback", "CallbackError", "CancelBatchException", "CancelEpochException", "CancelFitException",
+    "CancelTrainException", "CancelValidateException", "DeviceCallback", "LimitBatches", "MetricsCallback",
+    "OneCycle", "ParamScheduler", "ProgressCallback", "Recorder", "SingleBatch", "default_callbacks",
+    "DataLoaders", "TensorBatches", "image_dls", "Learner", "TrainStep", "cnn", "get_model", "resnet", "set_seed",
+]

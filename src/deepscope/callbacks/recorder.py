@@ -1,0 +1,52 @@
+"""Per-batch training loss and hyper-parameters, for plots and the report."""
+from __future__ import annotations
+
+import torch
+
+from ..callback import Callback
+
+
+class Recorder(Callback):
+    """Records the training loss and the learning rate (and momentum, where the optimizer has one) at
+    every training batch. Losses stay on the device until the fit ends (no sync per step)."""
+
+    order = 15
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self.moms: list[float] = []
+        self._pending: list[torch.Tensor] = []
+
+    def before_fit(self, learn) -> None:
+        self.losses, self.lrs, self.moms, self._pending = [], [], [], []
+
+    def after_loss(self, learn) -> None:
+        if learn.training:
+            self._pending.append(learn.loss.detach())
+            group = learn.opt.param_groups[0]
+            self.lrs.append(float(group["lr"]))
+            mom = group.get("momentum", group.get("betas", (None,))[0])
+            if mom is not None:
+                self.moms.append(float(mom))
+
+    def after_epoch(self, learn) -> None:
+        self._flush()
+
+    def cleanup_fit(self, learn) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.losses.extend(torch.stack(self._pending).float().cpu().tolist())
+            self._pending = []
+
+    def plot_loss(self, ax=None, skip_start: int = 0):
+        from ..plots import plot_curve
+
+        return plot_curve(self.losses[skip_start:], ax=ax, title="training loss", ylabel="loss", xlabel="batch")
+
+    def plot_schedule(self, ax=None):
+        from ..plots import plot_curve
+
+        return plot_curve(self.lrs, ax=ax, title="learning rate", ylabel="lr", xlabel="batch")

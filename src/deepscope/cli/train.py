@@ -1,0 +1,101 @@
+"""`deepscope train`: train a model on Fashion-MNIST (or MNIST) and write a run folder."""
+from __future__ import annotations
+
+import argparse
+
+from ..config import TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags shared by `train` and the commands that train (doctor, lr-find); each maps onto a
+    TrainConfig field of the same name."""
+    d = DEFAULTS
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=["fashion_mnist", "mnist"], default=d.dataset, help="dataset (default: %(default)s)")
+    data.add_argument("--data-dir", default=d.data_dir, metavar="DIR",
+                      help="folder holding the four IDX files (.gz or raw). Default: search $DEEPSCOPE_DATA, the "
+                           "cache (~/.cache/deepscope), /usr/share/datasets/<dataset>, then download into the cache")
+    data.add_argument("--no-verify", dest="verify", action="store_false",
+                      help="skip the MD5 check of the data files (for your own IDX files)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", choices=["cnn", "resnet"], default=d.model, help="architecture (default: %(default)s)")
+    model.add_argument("--nfs", type=positive_int, nargs="+", default=d.nfs, metavar="N",
+                       help="channels of each block (default: %(default)s)")
+    model.add_argument("--act", default=d.act, help="activation: relu, leaky_relu, gelu, silu, tanh, sigmoid, "
+                                                     "general_relu (default: %(default)s)")
+    model.add_argument("--norm", default=d.norm, help="normalisation layer: none, batch, layer, instance, group, "
+                                                       "running_batch (default: %(default)s)")
+    model.add_argument("--init", choices=["default", "kaiming", "lsuv"], default=d.init,
+                       help="weight initialisation (default: %(default)s = torch's own)")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the training set (default: %(default)s)")
+    opt.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    opt.add_argument("--schedule", choices=["one_cycle", "cosine", "constant"], default=d.schedule,
+                     help="learning-rate schedule (default: %(default)s)")
+    opt.add_argument("--opt", default=d.opt, help="optimizer: adamw, adam, sgd (default: %(default)s)")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (default: %(default)s)")
+    opt.add_argument("--batch-size", "--bs", type=positive_int, default=d.batch_size,
+                     help="training batch size; validation uses twice this (default: %(default)s)")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    run.add_argument("--device", default=d.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps "
+                                                         "(default: %(default)s)")
+    run.add_argument("--threads", type=positive_int, default=d.threads, help="CPU threads for torch (default: torch's choice)")
+    run.add_argument("--limit-batches", type=positive_int, default=d.limit_batches, metavar="N",
+                     help="stop each training and validation pass after N batches (smoke runs)")
+    run.add_argument("--no-stats", dest="stats", action="store_false", help="do not collect per-layer statistics")
+    run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files into the run folder")
+    run.add_argument("--out", default=d.out, metavar="DIR", help="run folder to write (default: runs/train-<date>-<time>)")
+    run.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a run")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model and write a run folder with metrics, weights and report.html",
+        description="Train a model on Fashion-MNIST (or MNIST) and write a run folder: config.json, metrics.json "
+                    "(one record per epoch), recorder.json (loss and lr per batch), model.safetensors and "
+                    "report.html. With no options: the default BatchNorm CNN with a one-cycle schedule.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the per-epoch table is still printed)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..recipe import train
+
+    config = config_from_args(args)
+    result = train(config, progress=True, overwrite=args.overwrite)
+    last = result.history[-1] if result.history else {}
+    acc = last.get("valid_accuracy")
+    summary = f"test accuracy {100 * acc:.2f}%, " if acc is not None else ""
+    print(f"done in {result.seconds:.1f} s: {summary}run folder {result.run_dir} (open {result.run_dir / 'report.html'})")
+    return 0

@@ -1,0 +1,91 @@
+"""One typed config per training run. CLI flags map onto its fields; the resolved config is saved with
+every run so the result can be traced back to exactly what produced it."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "fashion_mnist"  # fashion_mnist | mnist
+    data_dir: str | None = None  # folder holding the IDX files; None searches $DEEPSCOPE_DATA, cache, system
+    verify: bool = True  # check the files' MD5 against the published sums
+    # model
+    model: str = "cnn"  # cnn | resnet
+    nfs: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # channels per block
+    act: str = "relu"  # relu | leaky_relu | gelu | silu | tanh | sigmoid | general_relu
+    norm: str = "batch"  # none | batch (| layer | instance | group | running_batch once available)
+    init: str = "default"  # default (torch's) | kaiming | lsuv
+    # optimisation
+    epochs: int = 5
+    lr: float = 1e-2  # peak learning rate of the schedule
+    schedule: str = "one_cycle"  # one_cycle | cosine | constant
+    opt: str = "adamw"  # adamw | adam | sgd (momentum 0.9)
+    weight_decay: float = 1e-2
+    batch_size: int = 256  # training batch; validation uses twice this
+    # run
+    seed: int = 42
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:1 | mps
+    threads: int | None = None  # CPU threads for torch; None keeps torch's default
+    limit_batches: int | None = None  # stop each pass after this many batches (smoke runs)
+    stats: bool = True  # collect per-layer statistics (when available)
+    tensorboard: bool = False  # also write TensorBoard event files
+    out: str | None = None  # run folder; None makes runs/train-YYYYmmdd-HHMMSS
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _check(value, hints[f.name]):
+                raise ConfigError(f"config field {f.name!r} must be {f.type}, got {value!r}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be positive, got {value}")
+        for name in ("limit_batches", "threads"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be positive, got {value}")
+        choices = {"schedule": ("one_cycle", "cosine", "constant"), "init": ("default", "kaiming", "lsuv")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+
+def _check(value, hint) -> bool:
+    """A small runtime type check for the annotations used above."""
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is type(None) or hint is None:
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(_check(v, item) for v in value)
+    return isinstance(value, hint)

@@ -1,0 +1,109 @@
+"""Batches for the Learner.
+
+The whole dataset stays in memory as tensors (on the training device once the Learner moves it), and a
+batch is a slice of a shuffled index: no per-item Python work, no worker processes (airbench's approach).
+The Learner also accepts any other iterable of `(x, y)` batches, a `torch.utils.data.DataLoader` included.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from ..errors import ConfigError, DataError
+from .datasets import load_raw
+
+
+class TensorBatches:
+    """Iterate `(x, y)` batches of in-memory tensors by slicing a (shuffled) index."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+                 drop_last: bool = False, generator: torch.Generator | None = None):
+        if batch_size <= 0:
+            raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
+        if len(x) != len(y):
+            raise DataError(f"inputs hold {len(x)} items but targets hold {len(y)}; they must match")
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.generator = generator
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.x)
+        if self.shuffle:
+            # The permutation is drawn on the CPU (so a seeded generator works on every device), then moved.
+            order = torch.randperm(n, generator=self.generator).to(self.x.device)
+        else:
+            order = None
+        for i in range(len(self)):
+            if order is None:
+                yield self.x[i * self.batch_size:(i + 1) * self.batch_size], self.y[i * self.batch_size:(i + 1) * self.batch_size]
+            else:
+                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+                yield self.x[idx], self.y[idx]
+
+    def to(self, device: torch.device | str, memory_format: torch.memory_format | None = None) -> "TensorBatches":
+        """Move the whole dataset to `device` once, so batches are made there."""
+        x = self.x.to(device)
+        if memory_format is not None and x.dim() == 4:
+            x = x.contiguous(memory_format=memory_format)
+        self.x, self.y = x, self.y.to(device)
+        return self
+
+
+@dataclass
+class DataLoaders:
+    """A training and a validation iterable of `(x, y)` batches, plus what is known about the data."""
+    train: Iterable
+    valid: Iterable
+    n_classes: int | None = None
+    classes: tuple[str, ...] = ()
+    info: dict = field(default_factory=dict)  # dataset name, normalisation stats, source files...
+
+    def to(self, device: torch.device | str, memory_format: torch.memory_format | None = None) -> "DataLoaders":
+        for dl in (self.train, self.valid):
+            if isinstance(dl, TensorBatches):
+                dl.to(device, memory_format)
+        return self
+
+
+def normalise(x_train: torch.Tensor, x_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Scale both splits with the *training* set's mean and std (never the validation set's)."""
+    mean, std = x_train.mean().item(), x_train.std().item()
+    return (x_train - mean) / std, (x_valid - mean) / std, mean, std
+
+
+def image_dls(
+    name: str = "fashion_mnist",
+    path: str | None = None,
+    batch_size: int = 256,
+    valid_batch_size: int | None = None,
+    *,
+    seed: int | None = None,
+    download: bool = True,
+    verify: bool = True,
+    limit: int | None = None,
+) -> DataLoaders:
+    """MNIST-format images as normalised `(N, 1, 28, 28)` float tensors; the official test set validates.
+
+    `limit` keeps the first N items of each split (smoke runs and tests).
+    """
+    if batch_size <= 0:
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
+    raw = load_raw(name, path, download_missing=download, verify_checksums=verify)
+    x_tr, y_tr, x_te, y_te = raw.x_train, raw.y_train, raw.x_test, raw.y_test
+    if limit is not None:
+        x_tr, y_tr, x_te, y_te = x_tr[:limit], y_tr[:limit], x_te[:limit], y_te[:limit]
+    to_float = lambda a: torch.from_numpy(a).float().div_(255).unsqueeze(1)  # (N, 1, H, W) in [0, 1]
+    x_train, x_valid, mean, std = normalise(to_float(x_tr), to_float(x_te))
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    train = TensorBatches(x_train, torch.from_numpy(y_tr).long(), batch_size, shuffle=True, generator=generator)
+    valid = TensorBatches(x_valid, torch.from_numpy(y_te).long(), valid_batch_size or 2 * batch_size)
+    info = {"dataset": raw.spec.name, "mean": mean, "std": std, "n_train": len(x_train), "n_valid": len(x_valid),
+            "files": {k: str(v) for k, v in raw.source.items()}}
+    return DataLoaders(train, valid, raw.spec.n_classes, raw.spec.classes, info)
