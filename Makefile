@@ -39,10 +39,10 @@ run: setup
 	$(VENV)/bin/deepscope train $(RUN_ARGS)
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/loop_overhead.py

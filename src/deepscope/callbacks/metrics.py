@@ -4,10 +4,30 @@ from __future__ import annotations
 import time
 
 import torch
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..callback import Callback
+
+
+class WeightedMean:
+    """A batch-size-weighted mean kept on the device. (torchmetrics' MeanMetric would need its NaN check,
+    a host sync per step, to honour weights: with nan_strategy="disable" it drops them, as of 1.9.)"""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, value: torch.Tensor, weight: int) -> None:
+        value = value.detach().float() * weight
+        self.total = value if self.total is None else self.total + value
+        self.count += weight
+
+    def compute(self) -> float | None:
+        return None if self.total is None else float(self.total) / self.count
 
 
 class MetricsCallback(Callback):
@@ -23,8 +43,7 @@ class MetricsCallback(Callback):
     def __init__(self, metrics: dict[str, Metric] | None = None, *, train_metrics: bool = False):
         self.metrics = metrics
         self.train_metrics = train_metrics
-        # 'disable': no NaN check, which would read the value back to the host every step.
-        self.loss = {"train": MeanMetric(nan_strategy="disable"), "valid": MeanMetric(nan_strategy="disable")}
+        self.loss = {"train": WeightedMean(), "valid": WeightedMean()}
         self.history: list[dict] = []
         self._started = 0.0
 
@@ -33,7 +52,7 @@ class MetricsCallback(Callback):
             n_classes = getattr(learn.dls, "n_classes", None) or learn.preds.shape[-1]
             self.metrics = {"accuracy": MulticlassAccuracy(n_classes, average="micro", validate_args=False)}
         device = learn.preds.device
-        for m in [*self.metrics.values(), *self.loss.values()]:
+        for m in self.metrics.values():
             if m.device != device:
                 m.to(device)
 
@@ -56,7 +75,7 @@ class MetricsCallback(Callback):
     def after_epoch(self, learn) -> None:
         record: dict = {"epoch": learn.epoch + 1}
         for split, metric in self.loss.items():
-            record[f"{split}_loss"] = float(metric.compute()) if metric.update_called else None
+            record[f"{split}_loss"] = metric.compute()
         for name, metric in (self.metrics or {}).items():
             record[f"valid_{name}"] = float(metric.compute()) if metric.update_called else None
         record["seconds"] = time.perf_counter() - self._started

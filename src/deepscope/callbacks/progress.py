@@ -38,10 +38,10 @@ class ProgressCallback(Callback):
     order = 30
 
     def __init__(self, bars: bool | None = None, table: bool = True, plot: bool | None = None,
-                 refresh_every: int = 20, file=None):
+                 refresh_every: int = 20, file=None, mininterval: float = 0.1):
         self.bars, self.table, self.refresh_every = bars, table, refresh_every
         self.plot = in_notebook() if plot is None else plot
-        self.file = file
+        self.file, self.mininterval = file, mininterval
         self._bar = None
         self._columns: list[str] = []
         self._widths: list[int] = []
@@ -56,7 +56,8 @@ class ProgressCallback(Callback):
 
     def _open_bar(self, learn, desc: str) -> None:
         disable = None if self.bars is None else not self.bars
-        self._bar = tqdm(total=learn.n_iter, desc=desc, leave=False, disable=disable, file=self.file, dynamic_ncols=True)
+        self._bar = tqdm(total=learn.n_iter, desc=desc, leave=False, disable=disable, file=self.file,
+                         dynamic_ncols=True, mininterval=self.mininterval)
 
     def before_train(self, learn) -> None:
         self._open_bar(learn, f"epoch {learn.epoch + 1}/{learn.n_epochs} train")

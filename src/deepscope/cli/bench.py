@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
         "MNIST-shaped inputs: a batch of flattened 28x28 images times a 784x10 weight matrix.")
     _add_common(matmul)
     matmul.add_argument("--sizes", nargs="+", default=MATMUL_SIZES, metavar="NxKxM",
-                        help="products to time, each as rows x inner x cols; default: %(default)s")
+                        help="products to time, each as rows x inner x cols; default: " + " ".join(MATMUL_SIZES))
     matmul.set_defaults(func=run_matmul)
 
     conv = kinds.add_parser(

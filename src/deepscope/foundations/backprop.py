@@ -7,6 +7,7 @@ parameter gradients in `.grads`. Checked against autograd and finite differences
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -112,8 +113,11 @@ def train_mlp(model: MLP, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1, epo
     return losses
 
 
-def finite_difference_grad(f, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Central differences (f(x+eps) - f(x-eps)) / 2eps for every element of x; slow, for checking."""
+def finite_difference_grad(f: Callable[[], torch.Tensor], x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Central differences (f(x+eps) - f(x-eps)) / 2eps for every element of x; slow, for checking.
+
+    `f` takes no arguments and reads `x`, which is nudged in place and restored; use float64.
+    """
     grad = torch.zeros_like(x)
     flat, gflat = x.view(-1), grad.view(-1)
     for i in range(flat.numel()):

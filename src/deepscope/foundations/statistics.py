@@ -21,9 +21,9 @@ def variance_one_pass(x: torch.Tensor) -> torch.Tensor:
     """E[X^2] - E[X]^2: one pass over the data, but numerically fragile.
 
     When the mean is large next to the spread, E[X^2] and E[X]^2 are two nearly equal big numbers and
-    their difference cancels catastrophically: float32 data at 1e4 + N(0, 1) noise keeps ~7 digits, so
-    E[X^2] ~ 1e8 carries an error of ~10, larger than the variance itself. Use it only with float64 or
-    centred data.
+    their difference cancels catastrophically: for float32 data at 1e4 + N(0, 1), E[X^2] ~ 1e8 where
+    float32 values are 8 apart, so its rounding error alone exceeds the variance (~1). Use it only with
+    float64 or centred data.
     """
     return mean(x * x) - mean(x) ** 2
 

@@ -1,0 +1,165 @@
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassF1Score
+
+from deepscope.callback import Callback
+from deepscope.callbacks import (
+    DeviceCallback, LimitBatches, MetricsCallback, OneCycle, ParamScheduler, ProgressCallback, Recorder,
+    SingleBatch, combine_scheds, default_device, sched_cos, sched_lin,
+)
+from deepscope.callbacks.schedule import one_cycle_lr
+from deepscope.data import DataLoaders, TensorBatches
+from deepscope.learner import Learner
+
+
+def data(n=40, n_in=5, n_out=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, n_in, generator=g)
+    y = torch.randint(0, n_out, (n,), generator=g)
+    return x, y
+
+
+def make(cbs, n_train=40, n_valid=24, bs=8, opt_func=torch.optim.SGD, lr=0.1):
+    xt, yt = data(n_train)
+    xv, yv = data(n_valid, seed=1)
+    dls = DataLoaders(TensorBatches(xt, yt, bs, shuffle=True), TensorBatches(xv, yv, bs), n_classes=3)
+    return Learner(nn.Linear(5, 3), dls, lr=lr, opt_func=opt_func, cbs=cbs)
+
+
+def test_metrics_match_a_direct_computation():
+    metrics = MetricsCallback()
+    learn = make([metrics])
+    learn.fit(2)
+    assert len(metrics.history) == 2 and set(metrics.history[0]) == {"epoch", "train_loss", "valid_loss", "valid_accuracy", "seconds"}
+    xv, yv = learn.dls.valid.x, learn.dls.valid.y
+    with torch.no_grad():
+        preds = learn.model(xv)
+    assert metrics.history[-1]["valid_loss"] == pytest.approx(nn.functional.cross_entropy(preds, yv).item(), rel=1e-5)
+    assert metrics.history[-1]["valid_accuracy"] == pytest.approx((preds.argmax(1) == yv).float().mean().item())
+    assert metrics.history[-1]["epoch"] == 2 and metrics.history[-1]["seconds"] > 0
+
+
+def test_train_loss_is_the_batch_size_weighted_mean():
+    metrics, recorder = MetricsCallback(), Recorder()
+    learn = make([metrics, recorder], n_train=20, bs=8)  # batches of 8, 8, 4
+    learn.fit(1)
+    sizes = [8, 8, 4]
+    expected = sum(l * s for l, s in zip(recorder.losses, sizes)) / 20
+    assert metrics.history[0]["train_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_any_torchmetrics_metric():
+    metrics = MetricsCallback({"f1": MulticlassF1Score(3, average="macro")})
+    make([metrics]).fit(1)
+    assert 0.0 <= metrics.history[0]["valid_f1"] <= 1.0
+
+
+def test_recorder_keeps_loss_and_lr_per_training_batch():
+    recorder = Recorder()
+    learn = make([recorder], n_train=40, bs=8, opt_func=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9))
+    learn.fit(2)
+    assert len(recorder.losses) == 10 and len(recorder.lrs) == 10 and recorder.moms == [0.9] * 10
+    assert all(isinstance(v, float) and math.isfinite(v) for v in recorder.losses)
+
+
+def test_limit_batches_and_single_batch():
+    counts = {"train": 0, "valid": 0}
+
+    class Count(Callback):
+        def after_batch(self, learn):
+            counts["train" if learn.training else "valid"] += 1
+
+    make([LimitBatches(2, 1), Count()]).fit(2)
+    assert counts == {"train": 4, "valid": 2}
+    counts.update(train=0, valid=0)
+    make([SingleBatch(), Count()]).fit(3)
+    assert counts == {"train": 1, "valid": 0}
+
+
+def test_limit_batches_rejects_non_positive():
+    with pytest.raises(ValueError, match="positive"):
+        LimitBatches(0)
+
+
+def test_schedule_functions():
+    assert sched_lin(1, 3)(0.5) == 2
+    assert sched_cos(1, 3)(0) == pytest.approx(1) and sched_cos(1, 3)(1) == pytest.approx(3)
+    two = combine_scheds([0.3, 0.7], [sched_lin(0, 1), sched_lin(1, 0)])
+    assert two(0) == 0 and two(0.3) == pytest.approx(1) and two(1) == pytest.approx(0)
+    with pytest.raises(ValueError):
+        combine_scheds([0.5, 0.6], [sched_lin(0, 1), sched_lin(1, 0)])
+
+
+def test_one_cycle_sets_lr_and_momentum_then_restores_them():
+    recorder = Recorder()
+    learn = make([OneCycle(1.0, pct_start=0.25), recorder], n_train=80, bs=8,
+                 opt_func=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9))
+    learn.fit(2)  # 20 steps
+    lrs, moms = recorder.lrs, recorder.moms
+    peak = lrs.index(max(lrs))
+    assert lrs[0] == pytest.approx(1.0 / 25) and 4 <= peak <= 5 and max(lrs) == pytest.approx(1.0, rel=0.05)
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1])) and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert moms[0] == pytest.approx(0.95) and min(moms) == pytest.approx(0.85, abs=0.01)
+    assert learn.opt.param_groups[0]["lr"] == 0.1 and learn.opt.param_groups[0]["momentum"] == 0.9  # restored
+
+
+def test_one_cycle_drives_adam_betas():
+    recorder = Recorder()
+    learn = make([OneCycle(0.01), recorder], opt_func=torch.optim.AdamW)
+    learn.fit(1)
+    assert recorder.moms[0] == pytest.approx(0.95) and learn.opt.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_param_scheduler_leaves_momentum_of_plain_sgd_alone():
+    learn = make([ParamScheduler({"lr": sched_lin(0.1, 0.0), "momentum": sched_lin(0.9, 0.9)})])
+    seen = []
+
+    class Watch(Callback):
+        order = 6
+
+        def before_batch(self, learn):
+            if learn.training:
+                seen.append(learn.opt.param_groups[0]["momentum"])
+
+    learn.fit(1, cbs=[Watch()])
+    assert seen and all(m == 0 for m in seen)
+    assert one_cycle_lr(1.0)(1.0) == pytest.approx(1e-4)
+
+
+def test_device_callback_moves_model_and_data():
+    assert default_device("cpu") == torch.device("cpu")
+    assert default_device().type in {"cpu", "cuda", "mps"}
+    learn = make([DeviceCallback("cpu", channels_last=False)])
+    learn.fit(1)
+    assert next(learn.model.parameters()).device.type == "cpu"
+
+
+def test_device_callback_channels_last_keeps_results():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
+    conv(x)
+    dls = DataLoaders(TensorBatches(x, y, 8), TensorBatches(x, y, 8), n_classes=3)
+    metrics = MetricsCallback()
+    Learner(conv, dls, lr=0.0, opt_func=torch.optim.SGD, cbs=[DeviceCallback("cpu", channels_last=True), metrics]).fit(1)
+    assert dls.train.x.is_contiguous(memory_format=torch.channels_last)
+    expected = nn.functional.cross_entropy(conv(x.contiguous()), y).item()
+    assert metrics.history[0]["valid_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_progress_prints_one_row_per_epoch():
+    out = io.StringIO()
+    make([MetricsCallback(), ProgressCallback(bars=False, file=out)]).fit(3)
+    lines = out.getvalue().strip().splitlines()
+    assert lines[0].split() == ["epoch", "train_loss", "valid_loss", "valid_accuracy", "seconds"]
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3"]
+
+
+def test_progress_bar_counts_batches():
+    out = io.StringIO()
+    make([MetricsCallback(), ProgressCallback(bars=True, file=out, refresh_every=1, mininterval=0)], n_train=16, bs=8).fit(1)
+    assert "2/2" in out.getvalue() and "loss=" in out.getvalue()

@@ -1,0 +1,133 @@
+"""`deepscope train` end to end on small IDX files the tests write, and every bad input."""
+import json
+
+import numpy as np
+import pytest
+
+from deepscope.cli import main
+from deepscope.data.idx import write_idx
+from deepscope.weights import load_weights
+
+FAST = ["--no-verify", "--epochs", "2", "--batch-size", "16", "--nfs", "4", "8", "--lr", "0.01", "--device", "cpu", "--no-stats"]
+
+
+def train(data_dir, out, *extra):
+    return main(["train", "--data-dir", str(data_dir), "--out", str(out), *FAST, *extra])
+
+
+def test_train_writes_the_run_folder(tiny_data, tmp_path, capsys):
+    assert train(tiny_data, tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert "epoch" in out and "valid_accuracy" in out and "done in" in out
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.json", "recorder.json", "model.safetensors", "report.html"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics] == [1, 2]
+    assert all({"train_loss", "valid_loss", "valid_accuracy", "seconds"} <= set(r) for r in metrics)
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["batch_size"] == 16 and config["environment"]["torch"]
+    from deepscope.models import cnn
+
+    load_weights(cnn(nfs=(4, 8), norm="batch"), run / "model.safetensors")
+    assert "<img" in (run / "report.html").read_text()
+    assert not (tmp_path / "run.partial").exists()
+
+
+def test_limit_batches(tiny_data, tmp_path):
+    assert train(tiny_data, tmp_path / "run", "--limit-batches", "2", "--epochs", "1") == 0
+    assert len(json.loads((tmp_path / "run" / "recorder.json").read_text())["loss"]) == 2
+
+
+def test_help_is_complete(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ["--epochs", "--lr", "--batch-size", "--model", "--norm", "--data-dir", "--dataset", "--seed",
+                 "--device", "--out", "--limit-batches"]:
+        assert flag in text
+
+
+def check_error(capsys, code, pattern, out_dir=None):
+    captured = capsys.readouterr()
+    assert code != 0
+    assert pattern in captured.err, captured.err
+    if out_dir is not None:
+        assert not out_dir.exists() and not out_dir.with_name(out_dir.name + ".partial").exists()
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    code = train(tmp_path / "nowhere", tmp_path / "run")
+    check_error(capsys, code, "does not exist; point --data-dir", tmp_path / "run")
+
+
+def test_truncated_gz(tiny_data, tmp_path, capsys):
+    path = tiny_data / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:50])
+    code = train(tiny_data, tmp_path / "run")
+    check_error(capsys, code, "train-images-idx3-ubyte.gz: the gzip stream is truncated or corrupt", tmp_path / "run")
+
+
+def test_wrong_magic(tiny_data, tmp_path, capsys):
+    raw = tiny_data / "train-labels-idx1-ubyte.gz"
+    raw.unlink()
+    (tiny_data / "train-labels-idx1-ubyte").write_bytes(b"\x1f\x8b\x08\x01" + b"\x00" * 20)
+    code = train(tiny_data, tmp_path / "run")
+    check_error(capsys, code, "wrong magic number 0x1f8b0801", tmp_path / "run")
+
+
+def test_count_mismatch(tiny_data, tmp_path, capsys):
+    write_idx(tiny_data / "t10k-labels-idx1-ubyte.gz", np.zeros(5, dtype=np.uint8))
+    code = train(tiny_data, tmp_path / "run")
+    check_error(capsys, code, "holds 48 images but", tmp_path / "run")
+
+
+def test_checksum_mismatch(tiny_data, tmp_path, capsys):
+    code = main(["train", "--data-dir", str(tiny_data), "--out", str(tmp_path / "run"), "--epochs", "1"])
+    check_error(capsys, code, "checksum mismatch", tmp_path / "run")
+
+
+def test_label_out_of_range(tiny_data, tmp_path, capsys):
+    labels = np.zeros(96, dtype=np.uint8)
+    labels[7] = 12
+    write_idx(tiny_data / "train-labels-idx1-ubyte.gz", labels)
+    code = train(tiny_data, tmp_path / "run")
+    check_error(capsys, code, "label 12 at index 7 is out of range for 10 classes", tmp_path / "run")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "must be a positive whole number, got 0"),
+    ("--batch-size", "-4", "must be a positive whole number, got -4"),
+    ("--epochs", "0", "must be a positive whole number, got 0"),
+    ("--lr", "-1", "must be positive"),
+])
+def test_bad_numbers_are_refused_before_any_work(flag, value, message, tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data-dir", str(tiny_data), "--out", str(tmp_path / "run"), flag, value])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_folder_not_writable(tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = train(tiny_data, blocker / "run")
+    check_error(capsys, code, "cannot write the output folder")
+
+
+def test_existing_run_folder_is_not_overwritten(tiny_data, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("precious")
+    code = train(tiny_data, tmp_path / "run")
+    check_error(capsys, code, "already exists and is not empty")
+    assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+    assert train(tiny_data, tmp_path / "run", "--overwrite") == 0
+    assert not (tmp_path / "run" / "keep.txt").exists()
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "train" in text and "report" in text
