@@ -20,6 +20,8 @@ def test_defaults_round_trip():
     ({"limit_batches": 0}, "limit batches must be positive"),
     ({"schedule": "step"}, "schedule must be one of"),
     ({"weight_decay": -0.1}, "weight decay must be >= 0"),
+    ({"norm": "bogus"}, "norm must be one of"),
+    ({"model": "vgg"}, "model must be one of"),
 ])
 def test_bad_values_are_errors(changes, message):
     with pytest.raises(ConfigError, match=message):

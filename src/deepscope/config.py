@@ -20,13 +20,13 @@ class TrainConfig:
     model: str = "cnn"  # cnn | resnet
     nfs: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # channels per block
     act: str = "relu"  # relu | leaky_relu | gelu | silu | tanh | sigmoid | general_relu
-    norm: str = "batch"  # none | batch (| layer | instance | group | running_batch once available)
+    norm: str = "batch"  # none | batch | layer | instance | group | running_batch
     init: str = "default"  # default (torch's) | kaiming | lsuv
     # optimisation
     epochs: int = 5
     lr: float = 1e-2  # peak learning rate of the schedule
     schedule: str = "one_cycle"  # one_cycle | cosine | constant
-    opt: str = "adamw"  # adamw | adam | sgd (momentum 0.9)
+    opt: str = "adamw"  # adamw | adam | sgd (momentum 0.9) | rmsprop | ds_<name> for deepscope.optim's
     weight_decay: float = 1e-2
     batch_size: int = 256  # training batch; validation uses twice this
     # run
@@ -55,7 +55,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive, got {value}")
-        choices = {"schedule": ("one_cycle", "cosine", "constant"), "init": ("default", "kaiming", "lsuv")}
+        from .norms import NORM_KINDS
+
+        choices = {"schedule": ("one_cycle", "cosine", "constant"), "init": ("default", "kaiming", "lsuv"),
+                   "norm": NORM_KINDS, "model": ("cnn", "resnet"), "dataset": ("fashion_mnist", "mnist")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

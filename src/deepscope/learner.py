@@ -210,6 +210,13 @@ class Learner:
         finally:
             self.remove_cbs(cbs)
 
+    def lr_find(self, **kwargs):
+        """Sweep the learning rate exponentially and suggest values; model and optimizer are restored
+        afterwards. See `deepscope.lr_find.lr_find` for the options."""
+        from .lr_find import lr_find
+
+        return lr_find(self, **kwargs)
+
     # --- introspection ---------------------------------------------------------------------------------
     def show_training_loop(self) -> str:
         """The loop's events in order with the callbacks that handle each; also printed."""

@@ -14,8 +14,11 @@ from .callbacks import (
 from .config import TrainConfig
 from .data import DataLoaders, image_dls
 from .errors import ConfigError
+from .init import init_model, lsuv_
 from .learner import Learner
 from .models import get_model
+from .norms import NORM_KINDS
+from .optim import OPTIMIZERS
 from .rundir import (
     abandon_run_dir, default_run_dir, environment, finish_run_dir, prepare_run_dir, write_json,
 )
@@ -23,21 +26,40 @@ from .seed import set_seed
 from .weights import save_weights
 
 
+# torch.optim's versions are the defaults (fused C++ loops); the `ds_` names pick deepscope's hand-written
+# optimizers from the foundations (deepscope.optim), which give the same numbers, more slowly.
+TORCH_OPTIMIZERS = {
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+    "rmsprop": lambda params, lr, wd: torch.optim.RMSprop(params, lr=lr, weight_decay=wd),
+}
+OPTIMIZER_NAMES = (*TORCH_OPTIMIZERS, *(f"ds_{name}" for name in OPTIMIZERS))
+
+
 def make_optimizer_factory(config: TrainConfig):
-    """A torch.optim factory from the config's name; deepscope's hand-written optimizers when available."""
-    wd = config.weight_decay
-    factories = {
-        "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
-        "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, weight_decay=wd),
-        "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
-    }
-    if config.opt not in factories:
-        raise ConfigError(f"unknown optimizer {config.opt!r}; choose one of {sorted(factories)}")
-    return factories[config.opt]
+    """An optimizer factory `(params, lr) -> Optimizer` from the config's name."""
+    wd, name = config.weight_decay, config.opt
+    if name in TORCH_OPTIMIZERS:
+        return lambda params, lr: TORCH_OPTIMIZERS[name](params, lr, wd)
+    if name.startswith("ds_") and name[3:] in OPTIMIZERS:
+        cls = OPTIMIZERS[name[3:]]
+        return lambda params, lr: cls(params, lr=lr, weight_decay=wd)
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZER_NAMES)}")
 
 
-def build_model(config: TrainConfig, n_classes: int) -> nn.Module:
-    return get_model(config.model, nfs=config.nfs, n_out=n_classes, act=config.act, norm=config.norm)
+def build_model(config: TrainConfig, n_classes: int, init_batch: torch.Tensor | None = None) -> nn.Module:
+    """The configured architecture, initialised as asked (`lsuv` needs a batch of inputs)."""
+    if config.norm not in NORM_KINDS:
+        raise ConfigError(f"unknown norm {config.norm!r}; choose one of {list(NORM_KINDS)}")
+    model = get_model(config.model, nfs=config.nfs, n_out=n_classes, act=config.act, norm=config.norm)
+    if config.init in ("kaiming", "lsuv"):
+        init_model(model, "kaiming_normal")
+    if config.init == "lsuv":
+        if init_batch is None:
+            raise ConfigError("LSUV init needs a batch of training inputs")
+        lsuv_(model, init_batch)
+    return model
 
 
 def schedule_callbacks(config: TrainConfig) -> list:
@@ -49,7 +71,8 @@ def schedule_callbacks(config: TrainConfig) -> list:
 
 
 def build_learner(config: TrainConfig, dls: DataLoaders, extra_cbs=(), progress: bool = True) -> Learner:
-    model = build_model(config, dls.n_classes or 10)
+    init_batch = next(iter(dls.train))[0] if config.init == "lsuv" else None
+    model = build_model(config, dls.n_classes or 10, init_batch)
     device = DeviceCallback(config.device, channels_last=True)
     cbs = [device, MetricsCallback(), Recorder(), *schedule_callbacks(config), *extra_cbs]
     if progress:

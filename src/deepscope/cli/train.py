@@ -54,7 +54,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (default: %(default)s)")
     opt.add_argument("--schedule", choices=["one_cycle", "cosine", "constant"], default=d.schedule,
                      help="learning-rate schedule (default: %(default)s)")
-    opt.add_argument("--opt", default=d.opt, help="optimizer: adamw, adam, sgd (default: %(default)s)")
+    opt.add_argument("--opt", default=d.opt, help="optimizer: adamw, adam, sgd (momentum 0.9), rmsprop from torch.optim, "
+                                                   "or deepscope's hand-written ds_sgd, ds_momentum, ds_rmsprop, "
+                                                   "ds_adam, ds_adamw (default: %(default)s)")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (default: %(default)s)")
     opt.add_argument("--batch-size", "--bs", type=positive_int, default=d.batch_size,
                      help="training batch size; validation uses twice this (default: %(default)s)")
