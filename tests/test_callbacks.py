@@ -163,3 +163,37 @@ def test_progress_bar_counts_batches():
     out = io.StringIO()
     make([MetricsCallback(), ProgressCallback(bars=True, file=out, refresh_every=1, mininterval=0)], n_train=16, bs=8).fit(1)
     assert "2/2" in out.getvalue() and "loss=" in out.getvalue()
+
+
+def test_live_plot_in_a_notebook_updates_one_display():
+    """Jupyter's display is faked: the figure is shown once, then updated in place."""
+    calls = {"display": 0, "update": 0, "lines": 0}
+
+    class Handle:
+        def update(self, fig):
+            calls["update"] += 1
+            calls["lines"] = len(fig.axes[0].lines)
+
+    def display(fig, display_id=False):
+        calls["display"] += 1
+        assert display_id is True
+        return Handle()
+
+    make([MetricsCallback(), Recorder(), ProgressCallback(bars=False, table=False, plot=True, refresh_every=2, display=display)]).fit(2)
+    assert calls["display"] == 1 and calls["update"] >= 3
+    assert calls["lines"] == 2  # train curve and valid points
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_keeps_model_and_batches_there():
+    seen = []
+
+    class Where(Callback):
+        order = 50
+
+        def after_pred(self, learn):
+            seen.append((learn.xb.device.type, learn.preds.device.type))
+
+    learn = make([DeviceCallback("cuda", channels_last=True), MetricsCallback(), Where()])
+    learn.fit(1)
+    assert set(seen) == {("cuda", "cuda")} and next(learn.model.parameters()).is_cuda

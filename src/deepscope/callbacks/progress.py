@@ -38,10 +38,11 @@ class ProgressCallback(Callback):
     order = 30
 
     def __init__(self, bars: bool | None = None, table: bool = True, plot: bool | None = None,
-                 refresh_every: int = 20, file=None, mininterval: float = 0.1):
+                 refresh_every: int = 20, file=None, mininterval: float = 0.1, display=None):
         self.bars, self.table, self.refresh_every = bars, table, refresh_every
         self.plot = in_notebook() if plot is None else plot
         self.file, self.mininterval = file, mininterval
+        self.display = display  # Jupyter's IPython.display.display unless given (tests pass their own)
         self._bar = None
         self._columns: list[str] = []
         self._widths: list[int] = []
@@ -100,25 +101,36 @@ class ProgressCallback(Callback):
 
     def _update_plot(self, learn) -> None:
         """Redraw the loss figure in place (Jupyter only)."""
-        from IPython.display import display
-
         from .recorder import Recorder
-        import matplotlib.pyplot as plt
 
         recorder = learn.get_cb(Recorder)
         if recorder is None:
             return
-        recorder._flush() if not learn.training else None
-        fig, ax = plt.subplots(figsize=(6, 3.5))
         losses = recorder.losses + [float(t) for t in recorder._pending]
-        ax.plot(range(len(losses)), losses, label="train")
-        if self._valid_points:
-            ax.plot(*zip(*self._valid_points), "o-", label="valid")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("loss")
-        ax.legend()
+        fig = loss_figure(losses, self._valid_points)
         if self._plot_handle is None:
-            self._plot_handle = display(fig, display_id=True)
+            show = self.display or _ipython_display
+            self._plot_handle = show(fig, display_id=True)
         else:
             self._plot_handle.update(fig)
-        plt.close(fig)
+
+
+def _ipython_display(fig, display_id: bool = True):
+    from IPython.display import display
+
+    return display(fig, display_id=display_id)
+
+
+def loss_figure(train_losses: list[float], valid_points: list[tuple[int, float]]):
+    """Train loss per batch and valid loss per epoch; a bare Figure (no pyplot state to leak)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    ax.plot(range(len(train_losses)), train_losses, label="train")
+    if valid_points:
+        ax.plot(*zip(*valid_points), "o-", label="valid")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return fig
