@@ -4,11 +4,14 @@ from .limits import LimitBatches, SingleBatch
 from .metrics import MetricsCallback
 from .progress import ProgressCallback
 from .recorder import Recorder
+from .checkpoint import EarlyStopping, SaveBest
+from .training import GradClip, MixedPrecision, MixedPrecisionStep
 from .schedule import CosineSchedule, OneCycle, ParamScheduler, combine_scheds, sched_cos, sched_lin
 
 __all__ = ["DeviceCallback", "default_device", "to_device", "LimitBatches", "SingleBatch", "MetricsCallback",
            "ProgressCallback", "Recorder", "CosineSchedule", "OneCycle", "ParamScheduler", "combine_scheds",
-           "sched_cos", "sched_lin", "default_callbacks"]
+           "sched_cos", "sched_lin", "default_callbacks", "EarlyStopping", "SaveBest", "GradClip", "MixedPrecision",
+           "MixedPrecisionStep"]
 
 
 def default_callbacks(device: str = "auto", progress: bool = True) -> list:
