@@ -6,10 +6,11 @@ from .callback import (
     CancelTrainException, CancelValidateException,
 )
 from .callbacks import (
-    DeviceCallback, LimitBatches, MetricsCallback, OneCycle, ParamScheduler, ProgressCallback, Recorder,
-    SingleBatch, default_callbacks,
+    CosineSchedule, DeviceCallback, EarlyStopping, GradClip, LimitBatches, MetricsCallback, MixedPrecision,
+    OneCycle, ParamScheduler, ProgressCallback, Recorder, SaveBest, SingleBatch, default_callbacks,
 )
 from .data import DataLoaders, TensorBatches, image_dls
+from .diagnose import Diagnose, Finding, diagnose
 from .learner import Learner, TrainStep
 from .models import cnn, get_model, resnet
 from .seed import set_seed
@@ -19,4 +20,5 @@ __all__ = [
     "CancelTrainException", "CancelValidateException", "DeviceCallback", "LimitBatches", "MetricsCallback",
     "OneCycle", "ParamScheduler", "ProgressCallback", "Recorder", "SingleBatch", "default_callbacks",
     "DataLoaders", "TensorBatches", "image_dls", "Learner", "TrainStep", "cnn", "get_model", "resnet", "set_seed",
+    "diagnose", "Diagnose", "Finding", "CosineSchedule", "EarlyStopping", "GradClip", "MixedPrecision", "SaveBest",
 ]

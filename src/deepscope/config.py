@@ -34,7 +34,8 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:1 | mps
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
     limit_batches: int | None = None  # stop each pass after this many batches (smoke runs)
-    stats: bool = True  # collect per-layer statistics (when available)
+    stats: bool = True  # collect per-layer statistics (activations, gradients, updates)
+    stats_every: int = 5  # record them every N training steps (every step costs ~2.3x per step on a 2-core CPU)
     tensorboard: bool = False  # also write TensorBoard event files
     out: str | None = None  # run folder; None makes runs/train-YYYYmmdd-HHMMSS
 
@@ -51,7 +52,7 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive, got {value}")
-        for name in ("limit_batches", "threads"):
+        for name in ("limit_batches", "threads", "stats_every"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive, got {value}")

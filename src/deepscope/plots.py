@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "widget", "ipympl")) else None
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _axes(ax=None, figsize=(6, 3.5)):
@@ -26,8 +29,6 @@ def plot_curve(values: Sequence[float], ax=None, *, title: str = "", xlabel: str
     ax.plot(range(len(values)), values, lw=0.8, alpha=0.6 if smooth > 1 else 1.0)
     if smooth > 1 and len(values) >= smooth:
         kernel = [1.0 / smooth] * smooth
-        import numpy as np
-
         ax.plot(range(smooth - 1, len(values)), np.convolve(values, kernel, mode="valid"), lw=1.5)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if logy:
@@ -64,3 +65,178 @@ def figure_to_png(fig, dpi: int = 100) -> bytes:
 def figure_to_data_uri(fig, dpi: int = 100) -> str:
     """A PNG as a data: URI, so a report can inline it and open with no network and no side files."""
     return "data:image/png;base64," + base64.b64encode(figure_to_png(fig, dpi)).decode("ascii")
+
+
+# --- per-layer statistics ------------------------------------------------------------------------------
+# `stats` is a deepscope.stats.Stats (or anything with the same array attributes): rows are training
+# steps (`stats.steps`), columns are modules (`stats.modules`) or the modules owning parameters
+# (`stats.param_modules`).
+
+def save_png(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write `fig` as a PNG file and close it (so a loop of plots does not accumulate figures)."""
+    path = Path(path)
+    path.write_bytes(figure_to_png(fig, dpi))
+    return path
+
+
+def _names(available: Sequence[str], wanted: Sequence[str] | str | None) -> list[tuple[int, str]]:
+    """(column, name) pairs for `wanted` (all when None); an unknown name is an error that lists the options."""
+    available = list(available)
+    if wanted is None:
+        return list(enumerate(available))
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    missing = [w for w in wanted if w not in available]
+    if missing:
+        raise KeyError(f"no statistics for {missing}; recorded modules are {available}")
+    return [(available.index(w), w) for w in wanted]
+
+
+def _lines(ax, x, columns, labels, *, title: str, ylabel: str, logy: bool = False, legend: bool = True):
+    """One line per column. Past ten lines the default colours repeat, so colour follows depth (early layers
+    dark, late layers light) instead; a legend of more than four entries goes outside, right of the axes."""
+    many = len(columns) > 10
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(columns))) if many else [None] * len(columns)
+    for k, (y, label, color) in enumerate(zip(columns, labels, colors)):
+        ax.plot(x, y, lw=1.0, label=label, color=color, ls=("-", "--", ":")[k % 3] if many else "-")
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if legend and labels:
+        _legend(ax)
+
+
+def _legend(ax) -> None:
+    if len(ax.get_legend_handles_labels()[1]) > 4:
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize="x-small", loc="best")
+
+
+def mean_std_plot(stats, modules: Sequence[str] | None = None, axs=None):
+    """Activation mean (left) and std (right) per layer over training: one line per layer."""
+    if axs is None:
+        fig, axs = plt.subplots(1, 2, figsize=(11, 3.5))
+    fig = axs[0].figure
+    cols = _names(stats.modules, modules)
+    labels = [name for _, name in cols]
+    _lines(axs[0], stats.steps, [stats.act_mean[:, i] for i, _ in cols], labels, title="activation mean", ylabel="mean",
+           legend=False)
+    _lines(axs[1], stats.steps, [stats.act_std[:, i] for i, _ in cols], labels, title="activation std", ylabel="std")
+    return fig
+
+
+def _step_ticks(ax, steps, n: int = 5) -> None:
+    """Label an image's column axis (row index of the stats) with training steps, which may be uneven."""
+    idx = np.unique(np.linspace(0, len(steps) - 1, min(n, len(steps))).round().astype(int))
+    ax.set_xticks(idx, [str(int(steps[i])) for i in idx])
+
+
+def color_dim(stats, module: str, ax=None, *, title: str | None = None):
+    """The "colorful dimension" plot (fastai course part 2, lesson 16): one column per recorded step, one row
+    per histogram bin of |activation| (small values at the bottom), colour = log1p(count)."""
+    fig, ax = _axes(ax, figsize=(5, 3.5))
+    ((i, name),) = _names(stats.modules, [module])
+    image = np.log1p(np.asarray(stats.act_hist[:, i, :], dtype=np.float64).T)  # (B, T)
+    ax.imshow(image, origin="lower", aspect="auto", interpolation="nearest", cmap="viridis")
+    _step_ticks(ax, stats.steps)
+    # Round |activation| values as y ticks, placed where they fall among the bin edges (edge k is the
+    # bottom of image row k, at y = k - 0.5), so the labels are right for any spacing of the bins.
+    edges = np.asarray(stats.hist_edges, dtype=float)
+    values = [v for v in MaxNLocator(4).tick_values(edges[0], edges[-1]) if edges[0] <= v <= edges[-1]]
+    ax.set_yticks(np.interp(values, edges, np.arange(len(edges))) - 0.5, [f"{v:g}" for v in values])
+    ax.set(title=name if title is None else title, xlabel="step", ylabel="|activation|")
+    return fig
+
+
+def color_dim_grid(stats, modules: Sequence[str] | None = None, ncols: int = 4):
+    """`color_dim` for every layer, one panel each (unused grid cells are removed)."""
+    cols = _names(stats.modules, modules)
+    ncols = max(1, min(ncols, len(cols)))
+    nrows = max(1, -(-len(cols) // ncols))
+    fig, axs = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    for ax, (_, name) in zip(axs.flat, cols):
+        color_dim(stats, name, ax=ax)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.title.set_fontsize("small")
+    for ax in list(axs.flat)[len(cols):]:
+        fig.delaxes(ax)
+    fig.suptitle("activation histograms over training (colour = log(1 + count))")
+    fig.tight_layout()
+    return fig
+
+
+def dead_chart(stats, modules: Sequence[str] | None = None, ax=None):
+    """Fraction of near-zero ("dead") activations per layer over training, on a 0..1 axis."""
+    fig, ax = _axes(ax)
+    cols = _names(stats.modules, modules)
+    _lines(ax, stats.steps, [stats.act_dead[:, i] for i, _ in cols], [n for _, n in cols],
+           title=f"dead activations (|a| ≤ {float(stats.dead_threshold):.2g})", ylabel="fraction")
+    ax.set_ylim(0, 1)
+    return fig
+
+
+def grad_norm_plot(stats, modules: Sequence[str] | None = None, ax=None, *, params: bool = False):
+    """Gradient norm per layer over training (log y). `params=True`: the parameters' gradient norms instead
+    of the gradients flowing out of each module. Layers without any gradient (all NaN) are left out."""
+    fig, ax = _axes(ax)
+    names, values = (stats.param_modules, stats.param_grad_norm) if params else (stats.modules, stats.grad_norm)
+    cols = [(i, n) for i, n in _names(names, modules) if np.isfinite(values[:, i]).any()]
+    _lines(ax, stats.steps, [values[:, i] for i, _ in cols], [n for _, n in cols], logy=True,
+           title="parameter gradient norm" if params else "gradient norm (module outputs)", ylabel="norm")
+    return fig
+
+
+# Karpathy (makemore part 3, "Building makemore Part 3"): an update / data ratio near 1e-3 is healthy;
+# much lower learns slowly, much higher is unstable.
+UPDATE_RATIO_REFERENCE = 1e-3
+
+
+def update_ratio_plot(stats, params: Sequence[str] | None = None, ax=None):
+    """||w_after - w_before|| / ||w_before|| per module owning parameters (log y), with the ~1e-3 reference."""
+    fig, ax = _axes(ax)
+    cols = _names(stats.param_modules, params)
+    _lines(ax, stats.steps, [stats.update_ratio[:, j] for j, _ in cols], [n for _, n in cols], logy=True,
+           title="update / weight ratio", ylabel="ratio", legend=False)
+    ax.axhline(UPDATE_RATIO_REFERENCE, color="k", ls="--", lw=2, alpha=0.6, label="1e-3 reference")
+    _legend(ax)
+    return fig
+
+
+def status_screen(stats, module: str):
+    """One layer at a glance (2x2): activation histogram image, activation mean/std, gradient norm, update ratio."""
+    fig, axs = plt.subplots(2, 2, figsize=(10, 6.5))
+    ((i, _),) = _names(stats.modules, [module])
+    color_dim(stats, module, ax=axs[0, 0], title="activation histogram")
+    _lines(axs[0, 1], stats.steps, [stats.act_mean[:, i], stats.act_std[:, i]], ["mean", "std"],
+           title="activation mean and std", ylabel="value")
+    j = list(stats.param_modules).index(module) if module in stats.param_modules else None
+    grads = [stats.grad_norm[:, i]] + ([] if j is None else [stats.param_grad_norm[:, j]])
+    labels = ["output gradient", "parameter gradient"]
+    keep = [k for k, g in enumerate(grads) if np.isfinite(g).any()]
+    _lines(axs[1, 0], stats.steps, [grads[k] for k in keep], [labels[k] for k in keep], title="gradient norm",
+           ylabel="norm", logy=bool(keep))
+    if j is not None:
+        update_ratio_plot(stats, [module], ax=axs[1, 1])
+    else:
+        axs[1, 1].text(0.5, 0.5, "no parameters", ha="center", va="center", transform=axs[1, 1].transAxes)
+        axs[1, 1].set(title="update / weight ratio", xticks=[], yticks=[])
+    fig.suptitle(module)
+    fig.tight_layout()
+    return fig
+
+
+def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], suggestions: dict[str, float] | None = None, ax=None):
+    """Loss against learning rate (log x), each suggested learning rate marked on the curve (a suggestion
+    of None, where a rule found none, is skipped)."""
+    fig, ax = _axes(ax)
+    lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
+    ax.plot(lrs, losses, lw=1.2)
+    marked = {name: lr for name, lr in (suggestions or {}).items() if lr is not None and np.isfinite(lr)}
+    for k, (name, lr) in enumerate(marked.items()):
+        loss = np.interp(np.log(lr), np.log(lrs), losses) if len(lrs) else np.nan
+        ax.plot([lr], [loss], "o", color=f"C{k + 1}", label=f"{name}: {lr:.2e}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="loss", title="learning-rate finder")
+    if marked:
+        ax.legend(fontsize="small")
+    return fig

@@ -13,6 +13,7 @@ from .callbacks import (
 )
 from .config import TrainConfig
 from .data import DataLoaders, image_dls
+from .diagnose import Diagnose, moved_paths, save_findings
 from .errors import ConfigError
 from .init import init_model, lsuv_
 from .learner import Learner
@@ -23,6 +24,7 @@ from .rundir import (
     abandon_run_dir, default_run_dir, environment, finish_run_dir, prepare_run_dir, write_json,
 )
 from .seed import set_seed
+from .stats import ActivationStats
 from .weights import save_weights
 
 
@@ -70,6 +72,19 @@ def schedule_callbacks(config: TrainConfig) -> list:
     return []
 
 
+def looking_inside_callbacks(config: TrainConfig, run_dir: Path | None) -> list:
+    """Statistics (unless --no-stats), diagnosis, and TensorBoard (when asked) for a training run."""
+    cbs: list = [Diagnose(save_dir=run_dir)]
+    stats = ActivationStats(every=config.stats_every) if config.stats else None
+    if stats is not None:
+        cbs.append(stats)
+    if config.tensorboard and run_dir is not None:
+        from .tensorboard import TensorBoardCallback
+
+        cbs.append(TensorBoardCallback(run_dir / "tensorboard", stats=stats))
+    return cbs
+
+
 def build_learner(config: TrainConfig, dls: DataLoaders, extra_cbs=(), progress: bool = True) -> Learner:
     init_batch = next(iter(dls.train))[0] if config.init == "lsuv" else None
     model = build_model(config, dls.n_classes or 10, init_batch)
@@ -99,7 +114,7 @@ def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False
             torch.set_num_threads(config.threads)
         set_seed(config.seed)
         dls = image_dls(config.dataset, config.data_dir, config.batch_size, seed=config.seed, verify=config.verify)
-        learn = build_learner(config, dls, progress=progress)
+        learn = build_learner(config, dls, looking_inside_callbacks(config, staging), progress=progress)
         learn.fit(config.epochs)
         metrics = learn.get_cb(MetricsCallback)
         recorder = learn.get_cb(Recorder)
@@ -110,6 +125,10 @@ def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False
         write_json(staging / "metrics.json", metrics.history)
         write_json(staging / "recorder.json", {"loss": recorder.losses, "lr": recorder.lrs, "momentum": recorder.moms})
         save_weights(learn.model, staging / "model.safetensors")
+        findings = [moved_paths(f, str(staging), str(out)) for f in learn.get_cb(Diagnose).findings]
+        save_findings(staging / "findings.json", findings)
+        if learn.get_cb(ActivationStats) is not None:
+            learn.get_cb(ActivationStats).save(staging / "stats.npz")
         from .report import write_report
 
         write_report(staging)

@@ -1,25 +1,70 @@
 """The HTML report: a pure function of a run folder, so any past run can be re-rendered.
 
 The result is one self-contained file: plots are inlined as data URIs, styles are inline, nothing is
-fetched. Jinja2's autoescaping escapes every name and config string shown.
+fetched. Jinja2's autoescaping escapes every name, config string and finding shown.
+
+Sections, each shown only when its file is in the folder (only config.json is required):
+findings (findings.json, errors first), summary and configuration (config.json), metrics (metrics.json,
+recorder.json), layers (stats.npz: a table of last values, then mean/std, the colourful-dimension grid, dead
+activations, gradient norms and update ratios for every layer, and a status screen for at most three
+layers — the first, the middle and the last — to keep the file small), the LR finder (lr_find.json) and an
+ablation table (ablation.csv).
 """
 from __future__ import annotations
 
+import csv
+import json
+import math
 from pathlib import Path
 
 import jinja2
+import numpy as np
 
 from .errors import DataError
-from .plots import figure_to_data_uri, plot_curve, plot_metrics
+from .plots import (
+    color_dim_grid, dead_chart, figure_to_data_uri, grad_norm_plot, lr_find_plot, mean_std_plot, plot_curve,
+    plot_metrics, status_screen, update_ratio_plot,
+)
 from .rundir import read_json
+
+SEVERITIES = ("error", "warning", "info")  # the order findings are listed in
+DPI = 90  # enough to read, small enough that a report with a dozen plots stays around a megabyte
+
+
+def _number(value) -> str:
+    """A table cell: 4 significant digits, '-' for missing or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{float(value):.4g}"
 
 
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("deepscope", "templates"),
         autoescape=jinja2.select_autoescape(["html"], default_for_string=True),
         undefined=jinja2.StrictUndefined,
     )
+    env.filters["num"] = _number
+    return env
+
+
+def load_stats_file(run_dir: Path):
+    """The run's per-layer statistics, or None when the run recorded none."""
+    if not (run_dir / "stats.npz").is_file():
+        return None
+    from .stats import load_stats
+
+    return load_stats(run_dir)
+
+
+def _read_csv(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    return {"columns": rows[0], "rows": rows[1:]} if rows else None
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -30,7 +75,58 @@ def load_run(run_dir: str | Path) -> dict:
                         f"`deepscope train` wrote")
     optional = lambda name: read_json(run_dir / name) if (run_dir / name).is_file() else None
     return {"dir": run_dir, "config": read_json(run_dir / "config.json"), "metrics": optional("metrics.json") or [],
-            "recorder": optional("recorder.json")}
+            "recorder": optional("recorder.json"), "findings": optional("findings.json"),
+            "lr_find": optional("lr_find.json"), "ablation": _read_csv(run_dir / "ablation.csv"),
+            "stats": load_stats_file(run_dir)}
+
+
+def sort_findings(findings: list[dict] | None) -> list[dict]:
+    """Findings errors first, then warnings, then notes; an unknown severity is shown as info."""
+    if findings is not None and not isinstance(findings, list):
+        raise DataError(f"findings.json should hold a JSON list of findings, not a {type(findings).__name__}")
+    out = []
+    for f in findings or []:
+        sev = f.get("severity") if f.get("severity") in SEVERITIES else "info"
+        evidence = f.get("evidence") or {}
+        out.append({"kind": str(f.get("kind", "")), "module": str(f.get("module") or ""), "severity": sev,
+                    "message": str(f.get("message", "")), "fix": str(f.get("fix") or ""),
+                    "evidence": json.dumps(evidence, default=str) if evidence else ""})
+    return sorted(out, key=lambda f: SEVERITIES.index(f["severity"]))
+
+
+def _last_finite(column) -> float | None:
+    finite = np.flatnonzero(np.isfinite(column))
+    return float(column[finite[-1]]) if len(finite) else None
+
+
+def layer_table(stats) -> list[dict]:
+    """One row per layer: the latest activation mean, std and dead fraction, the latest gradient norm that
+    is not NaN, and the update ratio (None for a module that owns no parameters)."""
+    params = {name: j for j, name in enumerate(stats.param_modules)}
+    rows = []
+    for i, name in enumerate(stats.modules):
+        j = params.get(name)
+        rows.append({"module": name, "mean": _last_finite(stats.act_mean[:, i]), "std": _last_finite(stats.act_std[:, i]),
+                     "dead": _last_finite(stats.act_dead[:, i]), "grad_norm": _last_finite(stats.grad_norm[:, i]),
+                     "update_ratio": None if j is None else _last_finite(stats.update_ratio[:, j])})
+    return rows
+
+
+def status_modules(modules: list[str], n: int = 3) -> list[str]:
+    """The first, middle and last layer (fewer when there are fewer layers)."""
+    idx = sorted({round(k * (len(modules) - 1) / max(n - 1, 1)) for k in range(n)}) if modules else []
+    return [modules[k] for k in idx]
+
+
+def _layer_figures(stats) -> dict:
+    uri = lambda fig: figure_to_data_uri(fig, DPI)
+    figs = {"mean_std": uri(mean_std_plot(stats)), "color_dim": uri(color_dim_grid(stats)), "dead": uri(dead_chart(stats))}
+    if np.isfinite(stats.grad_norm).any():
+        figs["grad_norm"] = uri(grad_norm_plot(stats))
+    if len(stats.param_modules):
+        figs["param_grad_norm"] = uri(grad_norm_plot(stats, params=True))
+        figs["update_ratio"] = uri(update_ratio_plot(stats))
+    return figs
 
 
 def build_context(run: dict) -> dict:
@@ -43,12 +139,25 @@ def build_context(run: dict) -> dict:
                                                         ylabel="loss", smooth=max(1, len(rec["loss"]) // 50)))
         if rec.get("lr"):
             figures["lr"] = figure_to_data_uri(plot_curve(rec["lr"], title="learning rate", xlabel="batch", ylabel="lr"))
+    stats, lr_find = run["stats"], run["lr_find"]
+    layers = None
+    if stats is not None and len(stats.modules) and len(stats.steps):
+        layers = {"table": layer_table(stats), "figures": _layer_figures(stats), "n_steps": len(stats.steps),
+                  "status": [(m, figure_to_data_uri(status_screen(stats, m), DPI)) for m in status_modules(list(stats.modules))]}
+    if lr_find and lr_find.get("lrs"):
+        lr_find = {"suggestions": lr_find.get("suggestions") or {}, "message": lr_find.get("message") or "",
+                   "figure": figure_to_data_uri(lr_find_plot(lr_find["lrs"], lr_find["losses"], lr_find.get("suggestions")))}
+    else:
+        lr_find = None
     last = run["metrics"][-1] if run["metrics"] else {}
     cfg = run["config"]
-    return {"title": f"deepscope run {run['dir'].name}", "config": cfg.get("config", {}),
+    # A report is also rendered inside the staging folder `<name>.partial` before it is renamed.
+    return {"title": f"deepscope run {run['dir'].name.removesuffix('.partial')}",
+            "diagnosed": run["findings"] is not None, "config": cfg.get("config", {}),
             "environment": cfg.get("environment", {}), "data": cfg.get("data", {}), "wall_seconds": cfg.get("wall_seconds"),
             "metrics": run["metrics"], "metric_columns": list(run["metrics"][0]) if run["metrics"] else [],
-            "last": last, "figures": figures}
+            "last": last, "figures": figures, "findings": sort_findings(run["findings"]), "layers": layers,
+            "lr_find": lr_find, "ablation": run["ablation"]}
 
 
 def render_report(run_dir: str | Path) -> str:

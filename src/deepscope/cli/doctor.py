@@ -1,0 +1,82 @@
+"""`deepscope doctor`: check a training set-up before spending hours on it.
+
+Builds the data and the model from the same options as `train`, runs `deepscope.diagnose` (pre-flight
+checks, then a short instrumented run on a copy of the model), prints the findings and writes them to
+`findings.json` in the output folder. Finding problems is the command's job, so it exits 0 either way.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+from .train import add_config_arguments, config_from_args, positive_int
+
+
+class FirstBatches:
+    """Re-iterable view of the first `n` batches of `batches` (for --limit-batches)."""
+
+    def __init__(self, batches, n: int):
+        self.batches, self.n = batches, n
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.batches)) if hasattr(self.batches, "__len__") else self.n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), self.n)
+
+
+def add_parser(subparsers) -> None:
+    from ..diagnose.thresholds import DEFAULT_STEPS
+
+    p = subparsers.add_parser(
+        "doctor", help="diagnose a training set-up: what is wrong, where, and what to try",
+        description="Build the data and model as `deepscope train` would, check them before training (targets, "
+                    "loss inputs, init, normalisation, batch size), then train a copy for a few steps with hooks on "
+                    "every module and report NaNs, dead units, exploding or collapsing activations, saturation, "
+                    "missing gradients and learning-rate trouble. Writes findings.json into --out "
+                    "(default runs/doctor-<date>-<time>). Exits 0 even when it finds problems.",
+    )
+    add_config_arguments(p, run_prefix="doctor")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
+                   help="training steps of the instrumented run (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..callbacks.device import default_device
+    from ..data import image_dls
+    from ..diagnose import diagnose, format_findings, moved_paths, save_findings
+    from ..recipe import build_model, make_optimizer_factory
+    from ..rundir import (
+        abandon_run_dir, default_run_dir, environment, finish_run_dir, prepare_run_dir, write_json,
+    )
+    from ..seed import set_seed
+
+    config = config_from_args(args)
+    out = Path(config.out) if config.out else default_run_dir("doctor")
+    staging = prepare_run_dir(out, overwrite=getattr(args, "overwrite", False))
+    try:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        set_seed(config.seed)
+        dls = image_dls(config.dataset, config.data_dir, config.batch_size, seed=config.seed, verify=config.verify)
+        device = default_device(config.device)
+        model = build_model(config, dls.n_classes or 10).to(device)
+        batches = FirstBatches(dls.train, config.limit_batches) if config.limit_batches else dls.train
+        findings = diagnose(model, batches, torch.nn.functional.cross_entropy, steps=args.steps, lr=config.lr,
+                            opt_func=make_optimizer_factory(config), save_dir=staging)
+        # The batch was saved in the staging folder, which becomes `out`: name the final place.
+        findings = [moved_paths(f, str(staging), str(out)) for f in findings]
+        save_findings(staging / "findings.json", findings)
+        write_json(staging / "config.json", {"config": config.to_dict(), "environment": environment(device),
+                                             "data": dls.info, "doctor_steps": args.steps})
+        run_dir = finish_run_dir(staging)
+    except BaseException:
+        abandon_run_dir(staging)
+        raise
+    print(format_findings(findings), end="")
+    print(f"findings written to {run_dir / 'findings.json'}")
+    return 0

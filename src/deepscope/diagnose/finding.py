@@ -1,0 +1,114 @@
+"""A Finding: what is wrong, where, how we know, and what to try. Saved as `findings.json` in a run folder."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# The kinds of finding, in the order they usually matter: a crash or NaN first, then the set-up, then
+# what the short run showed.
+KINDS = (
+    "exception", "nonfinite_forward", "nonfinite_backward", "nonfinite_loss",
+    "target_mismatch", "softmax_before_cross_entropy", "probabilities_to_nll", "symmetric_init",
+    "batchnorm_small_batch", "input_not_normalized", "no_gradient", "dead_units",
+    "activation_explosion", "activation_collapse", "saturation", "lr_too_high", "lr_too_low",
+)
+SEVERITIES = ("error", "warning", "info")  # error: training cannot work; warning: it works badly; info: worth knowing
+
+
+@dataclass
+class Finding:
+    kind: str  # one of KINDS
+    module: str  # name as in model.named_modules(); "" for the whole model, the loss or the data
+    severity: str  # one of SEVERITIES
+    message: str  # one plain sentence with the evidence in numbers
+    fix: str  # what to try
+    evidence: dict = field(default_factory=dict)  # the numbers behind the message
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown finding kind {self.kind!r}; kinds are {', '.join(KINDS)}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"unknown severity {self.severity!r}; use one of {SEVERITIES}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["evidence"] = _jsonable(d["evidence"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Finding":
+        known = {"kind", "module", "severity", "message", "fix", "evidence"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown finding keys {unknown}; expected {sorted(known)}")
+        return cls(**{"evidence": {}, "module": "", "fix": "", **data})
+
+
+def _jsonable(value):
+    """Plain JSON: tuples become lists, NaN and infinities become the strings "nan", "inf", "-inf"."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def save_findings(path: str | Path, findings: list[Finding]) -> Path:
+    """Write findings as a JSON list of dicts (the report renders this file)."""
+    path = Path(path)
+    path.write_text(json.dumps([f.to_dict() for f in findings], indent=2) + "\n")
+    return path
+
+
+def load_findings(path: str | Path) -> list[Finding]:
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of findings, got {type(data).__name__}")
+    return [Finding.from_dict(d) for d in data]
+
+
+def sort_findings(findings: list[Finding]) -> list[Finding]:
+    """Errors first, then warnings, then info; within a severity, in KINDS order; duplicates dropped."""
+    seen, unique = set(), []
+    for f in findings:
+        key = (f.kind, f.module, f.severity, f.message)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return sorted(unique, key=lambda f: (SEVERITIES.index(f.severity), KINDS.index(f.kind)))
+
+
+def problems(findings: list[Finding]) -> list[Finding]:
+    """The findings that need action: errors and warnings."""
+    return [f for f in findings if f.severity in ("error", "warning")]
+
+
+def format_findings(findings: list[Finding]) -> str:
+    """Findings as readable text, one block each."""
+    if not findings:
+        return "No findings: nothing looks wrong.\n"
+    counts = {s: sum(f.severity == s for f in findings) for s in SEVERITIES}
+    summary = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n)
+    lines = [f"{len(findings)} finding{'s' if len(findings) != 1 else ''} ({summary}):", ""]
+    for f in findings:
+        where = f"module {f.module!r}" if f.module else "model/loss/data"
+        lines.append(f"{f.severity.upper():<8}{f.kind} [{where}]")
+        lines.append(f"  {f.message}")
+        if f.fix:
+            lines.append(f"  fix: {f.fix}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def moved_paths(finding: Finding, old: str, new: str) -> Finding:
+    """The finding with file paths under `old` rewritten to `new` (a run folder renamed once complete)."""
+    d = finding.to_dict()
+    d["message"] = d["message"].replace(old, new)
+    d["evidence"] = {k: v.replace(old, new) if isinstance(v, str) else v for k, v in d["evidence"].items()}
+    return Finding.from_dict(d)

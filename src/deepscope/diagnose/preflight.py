@@ -1,0 +1,130 @@
+"""Pre-flight: look at the model, one batch and the loss before any training, and record plain numbers.
+
+Nothing changes: the forward pass runs in eval mode under no_grad, and the training mode is put back.
+The checks on these numbers are pure functions in `analyse_setup.py`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..hooks import Hooks, select_modules
+from .records import LayerWeight, SetupRecord
+
+# Losses recognised by identity: the functional form, or an instance of the module form.
+_FUNCTIONAL_LOSSES = {
+    F.cross_entropy: "cross_entropy", F.nll_loss: "nll", F.mse_loss: "mse", F.l1_loss: "l1",
+    F.smooth_l1_loss: "l1", F.huber_loss: "l1", F.binary_cross_entropy: "bce",
+    F.binary_cross_entropy_with_logits: "bce_logits",
+}
+_MODULE_LOSSES = (
+    (nn.CrossEntropyLoss, "cross_entropy"), (nn.NLLLoss, "nll"), (nn.MSELoss, "mse"), (nn.L1Loss, "l1"),
+    (nn.SmoothL1Loss, "l1"), (nn.HuberLoss, "l1"), (nn.BCELoss, "bce"), (nn.BCEWithLogitsLoss, "bce_logits"),
+)
+
+
+def loss_kind(loss_func) -> str | None:
+    """Which standard loss `loss_func` is (looking through functools.partial), or None."""
+    while isinstance(loss_func, functools.partial):
+        loss_func = loss_func.func
+    for cls, kind in _MODULE_LOSSES:
+        if isinstance(loss_func, cls):
+            return kind
+    try:
+        return _FUNCTIONAL_LOSSES.get(loss_func)
+    except TypeError:  # unhashable callable
+        return None
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """torch's BatchNorm1d/2d/3d/SyncBatchNorm, or a hand-written one named like it (deepscope.norms)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(module).__name__
+
+
+def layer_weights(model: nn.Module) -> list[LayerWeight]:
+    """Every module's own `weight` of 2+ dimensions (Linear, Conv, Embedding, ...), in registration order."""
+    found = []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.numel() > 1:
+            flat = w.detach().flatten()
+            found.append(LayerWeight(name, tuple(w.shape), bool((flat == flat[0]).all()), float(flat[0])))
+    return found
+
+
+def last_batch_size(data) -> int | None:
+    """The size of the last batch of an epoch, for deepscope's TensorBatches and torch DataLoaders."""
+    bs = getattr(data, "batch_size", None)
+    if not isinstance(bs, int) or getattr(data, "drop_last", False):
+        return None
+    source = getattr(data, "x", None)
+    if source is None:
+        source = getattr(data, "dataset", None)
+    try:
+        n = len(source)
+    except TypeError:
+        return None
+    return n % bs or (bs if n else None)
+
+
+def inspect_setup(model: nn.Module, x, y, loss_func, data=None) -> SetupRecord:
+    """Record the set-up's numbers; an exception in the forward pass or the loss is recorded, not raised."""
+    rec = SetupRecord(loss_kind=loss_kind(loss_func), batch_size=len(x) if hasattr(x, "__len__") else 0,
+                      last_batch_size=last_batch_size(data), weights=layer_weights(model))
+    rec.batchnorms = [n for n, m in model.named_modules() if is_batchnorm(m) and m.training]
+    _describe_inputs(rec, x, y)
+    was_training = model.training
+    last: list = []  # [name, output] of the last leaf module to finish: the one that made the model's output
+
+    def remember(hook, module, inputs, output):
+        last[:] = [hook.name, output]
+
+    try:
+        model.eval()
+        leaves = select_modules(model, filter=lambda name, module: True)  # every leaf, root included if a leaf
+        with torch.no_grad(), Hooks(leaves, remember) as hooks:
+            stage = "forward"
+            out = model(x)
+            hooks.remove()
+            _describe_output(rec, out)
+            rec.out_module = last[0] if last and last[1] is out else ""
+            stage = "loss"
+            loss_func(out, y)
+    except Exception as e:  # noqa: BLE001 - a broken model or loss is what we are here to report
+        rec.error = {"where": stage, "type": type(e).__name__, "message": str(e).strip()}
+    finally:
+        model.train(was_training)
+    return rec
+
+
+def _describe_inputs(rec: SetupRecord, x, y) -> None:
+    if isinstance(x, torch.Tensor):
+        rec.x_float = x.is_floating_point()
+        if rec.x_float and x.numel() > 1:
+            xf = x.detach().float()
+            rec.x_finite = bool(torch.isfinite(xf).all())
+            finite = xf[torch.isfinite(xf)]
+            if finite.numel() > 1:
+                rec.x_mean, rec.x_std = float(finite.mean()), float(finite.std())
+    if isinstance(y, torch.Tensor):
+        rec.y_dtype, rec.y_shape = str(y.dtype).removeprefix("torch."), tuple(y.shape)
+        if y.numel() and not y.is_complex():
+            rec.y_min, rec.y_max = float(y.min()), float(y.max())
+
+
+def _describe_output(rec: SetupRecord, out) -> None:
+    if not isinstance(out, torch.Tensor):
+        return
+    rec.out_shape, rec.out_float = tuple(out.shape), out.is_floating_point()
+    if not rec.out_float or out.numel() == 0:
+        return
+    o = out.detach().float()
+    rec.out_min, rec.out_max = float(o.min()), float(o.max())
+    if o.dim() >= 2 and o.shape[1] >= 2:  # (N, C, ...): classes on dim 1, as cross_entropy expects
+        rec.out_row_sum_dev = float((o.sum(1) - 1).abs().max())
+        lse = torch.logsumexp(o, 1).abs().max()
+        rec.out_row_lse_dev = float(lse) if math.isfinite(float(lse)) else math.inf

@@ -1,0 +1,80 @@
+"""Every number diagnosis compares against, each with the reason it has that value.
+
+Change one here and the tests in tests/test_diagnose_analyse.py show what it moves.
+"""
+
+# --- the instrumented run ------------------------------------------------------------------------------
+# A few dozen steps: enough for the loss to move, for a dead unit to stay dead and for a too-high learning
+# rate to diverge, and still about a second on a CPU for a small model.
+DEFAULT_STEPS = 30
+# The Diagnose callback looks inside one training step in this many: hooks on that step cost about one
+# extra pass over the activations, so 1 step in 50 adds well under 2% to a fit.
+DIAGNOSE_EVERY = 50
+
+# --- dead units ----------------------------------------------------------------------------------------
+# An activation this close to zero counts as "off": ReLU emits exact zeros, and 1e-6 absorbs float noise
+# without calling small but alive values off.
+DEAD_ACTIVATION_ABS = 1e-6
+# A unit (channel) on for fewer than 1% of the inputs and positions seen is dead: it passes almost no
+# gradient to the weights that feed it, so it cannot recover by itself.
+DEAD_UNIT_ACTIVE_FRACTION = 0.01
+# 40% of a layer dead is lost capacity worth a warning. Healthy ReLU layers lose fewer: at most 28% (median
+# 12%) in a 3-layer MLP at torch's default init over 12 seeds, under 10% in the default CNN without norm
+# layers, none with BatchNorm.
+DEAD_LAYER_FRACTION = 0.4
+
+# --- activation scale (lesson 10-11 of the fast.ai course: "the std should stay near 1 through depth") ---
+# A layer whose output std is 100x the input's: the signal grows geometrically with depth (weights too
+# large for their fan-in), and float overflow or huge gradients follow a few layers later.
+ACT_EXPLOSION_RATIO = 100.0
+# A hidden layer whose output std is 1/100 of the input's: the signal vanishes with depth, and so do the
+# gradients that flow back through it (torch's default init shrinks std ~0.4x per ReLU layer).
+ACT_COLLAPSE_RATIO = 0.01
+# The same factor over time: a layer's output std growing or shrinking 100x during the short run means
+# training itself is blowing up or switching the layer off.
+ACT_DRIFT_RATIO = 100.0
+
+# --- saturation ----------------------------------------------------------------------------------------
+# sigmoid/tanh outputs within 1% of their range's ends: there the local derivative is below ~0.04
+# (sigmoid) or ~0.02 (tanh), so gradients through that unit all but vanish.
+SATURATION_MARGIN = 0.01
+# Flag when this share of a layer's outputs sits at the limits; with inputs of std 1 a tanh puts under 1%
+# there, so 40% means the pre-activations are far too large.
+SATURATED_FRACTION = 0.4
+
+# --- the loss head -------------------------------------------------------------------------------------
+# Rows that sum to 1 within this (and are >= 0) are probabilities; float32 softmax rows sum to 1 within
+# ~1e-6, while raw logits essentially never do.
+PROBABILITY_TOLERANCE = 1e-4
+
+# --- learning rate -------------------------------------------------------------------------------------
+# Mean loss of the last quarter of the run vs the first quarter. A rise of 20% in the first few dozen
+# steps is not noise for a model that should be learning: the steps overshoot.
+LOSS_RISE_WARNING = 1.2
+# Doubling (or becoming NaN after rising) is divergence; so is any single recorded loss above twice the
+# first one, even if the run recovers afterwards (a spike of a too-large step).
+LOSS_RISE_ERROR = 2.0
+# The loss counts as flat when the two quarters differ by less than 5%: batch-to-batch noise of the loss
+# on small batches is a few percent, so a smaller change cannot be told from no change.
+LOSS_FLAT_CHANGE = 0.05
+# Update-to-weight ratio ||dW|| / ||W|| per step: the rule of thumb (Karpathy, CS231n) is ~1e-3; ten
+# times below it with a flat loss means the learning rate is too small to move the weights.
+LR_LOW_UPDATE_RATIO = 1e-4
+# The learning-rate checks need a curve: at least this many recorded losses...
+LR_MIN_POINTS = 8
+# ...and they look only at the first this many, so the annealed end of a long schedule is not "too low".
+LR_WINDOW = 40
+
+# --- batch norm ----------------------------------------------------------------------------------------
+# Batch statistics from fewer than 8 samples are noisy enough to hurt accuracy (Wu & He 2018, Group
+# Normalization, Fig. 1: BN's error rises steeply below 8 images per batch). 1 sample is an error:
+# its variance is 0 (BatchNorm1d raises; BatchNorm2d normalises each image with its own statistics).
+BN_SMALL_BATCH = 8
+
+# --- inputs --------------------------------------------------------------------------------------------
+# Inputs should be roughly mean 0, std 1 (LeCun et al. 1998, "Efficient BackProp", section 4.3). A mean
+# beyond +-1 shifts every first-layer pre-activation; a std outside [0.2, 5] scales the whole forward pass
+# (raw 0-255 pixels have std ~80). Images scaled to [0, 1] (std ~0.3) pass.
+INPUT_MEAN_LIMIT = 1.0
+INPUT_STD_MIN = 0.2
+INPUT_STD_MAX = 5.0

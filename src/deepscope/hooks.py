@@ -1,0 +1,160 @@
+"""Hooks: run a function on a module's output (forward) or on the gradient of its output (backward).
+
+Hooks are resources (STYLE.md, habit 6): each `Hook` is a context manager with an idempotent `remove()`,
+and never stores tensors, so looking inside a network cannot keep its activations alive. What to record is
+the business of the function you pass; `deepscope.stats` is the main user.
+
+Backward hooks are *tensor* hooks on the module's floating outputs, registered from a forward hook, rather
+than `nn.Module.register_full_backward_hook`. The full backward hook wraps the output in a view that an
+in-place op downstream (`nn.ReLU(inplace=True)` after a conv, a common layout) is not allowed to modify,
+so it breaks ordinary models. A tensor hook registered before an in-place op fires with the gradient of
+the value the module returned, which is what we want. The price: `grad_input` is not available (the
+function receives an empty tuple), and a module with several floating outputs calls the function once
+per output, with a one-element `grad_output`.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+HookFn = Callable[..., None]
+NamedModules = Sequence[tuple[str, nn.Module]]
+
+# Normalisation layers: parameter-free ones (affine=False) are still worth watching.
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+_ACTIVATION_ATTR_NAMES = ("act", "activation", "relu", "nonlin")
+
+
+def _is_activation(name: str, module: nn.Module) -> bool:
+    """torch's activation modules, plus hand-written ones (e.g. GeneralRelu) by class or attribute name."""
+    if type(module).__module__ == "torch.nn.modules.activation":
+        return True
+    return "relu" in type(module).__name__.lower() or name.rsplit(".", 1)[-1] in _ACTIVATION_ATTR_NAMES
+
+
+def _default_choice(name: str, module: nn.Module) -> bool:
+    """Modules worth watching by default: those owning parameters, activations and norms."""
+    owns_params = next(module.parameters(recurse=False), None) is not None
+    return owns_params or _is_activation(name, module) or isinstance(module, _NORM_TYPES)
+
+
+def select_modules(model: nn.Module, *, types: type | tuple[type, ...] | None = None,
+                   names: Iterable[str] | None = None, filter: Callable[[str, nn.Module], bool] | None = None,
+                   leaf_only: bool = True) -> list[tuple[str, nn.Module]]:
+    """`(name, module)` pairs of `model.named_modules()` that pass every criterion given.
+
+    `types`: a type or tuple of types; `names`: exact names or fnmatch patterns ("block*.act");
+    `filter(name, module) -> bool`. `leaf_only` keeps modules without children (pass False to select
+    containers such as "block0"). With no criterion, the default picks leaf modules that own parameters
+    directly or are activations or normalisation layers, so pooling/flatten/dropout layers are left out.
+    The root module "" is never selected by default.
+    """
+    patterns = list(names) if names is not None else None
+    chosen = []
+    for name, module in model.named_modules():
+        if leaf_only and next(module.children(), None) is not None:
+            continue
+        if types is not None and not isinstance(module, types):
+            continue
+        if patterns is not None and not any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        if filter is not None and not filter(name, module):
+            continue
+        if types is None and patterns is None and filter is None and (name == "" or not _default_choice(name, module)):
+            continue
+        chosen.append((name, module))
+    return chosen
+
+
+def floating_tensors(output: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in a module output: a tensor, or tuples/lists/dicts of them, nested."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in floating_tensors(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in floating_tensors(item)]
+    return []
+
+
+class Hook:
+    """Call `fn` on one module: `fn(hook, module, inputs, output)` after each forward (`kind="forward"`),
+    or `fn(hook, module, grad_input, grad_output)` when the gradient of each floating output is computed
+    (`kind="backward"`; see the module docstring for why `grad_input` is empty). Use it in a `with` block
+    or call `remove()`, which may be called any number of times."""
+
+    def __init__(self, module: nn.Module, fn: HookFn, *, kind: str = "forward", name: str = ""):
+        if kind not in ("forward", "backward"):
+            raise ValueError(f"Hook kind must be 'forward' or 'backward', got {kind!r}")
+        self.module, self.fn, self.kind, self.name = module, fn, kind, name
+        self.removed = False
+        on_output = self._forward if kind == "forward" else self._watch_gradients
+        self._handle = module.register_forward_hook(on_output)
+
+    def _forward(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        self.fn(self, module, inputs, output)
+
+    def _watch_gradients(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        for tensor in floating_tensors(output):
+            if tensor.requires_grad:
+                # The closure holds the hook and the module, never the tensor.
+                tensor.register_hook(lambda grad, module=module: self._backward(module, grad))
+
+    def _backward(self, module: nn.Module, grad: torch.Tensor) -> None:
+        # A graph built before remove() may still run its tensor hooks: they must do nothing then.
+        if not self.removed:
+            self.fn(self, module, (), (grad,))
+
+    def remove(self) -> None:
+        self.removed = True
+        self._handle.remove()
+
+    def __enter__(self) -> "Hook":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "active"
+        return f"Hook({self.name or type(self.module).__name__}, kind={self.kind}, {state})"
+
+
+class Hooks:
+    """One `Hook` per module, all calling `fn`. `modules` holds `(name, module)` pairs (as from
+    `select_modules`) or bare modules. Indexable and iterable like a list; a context manager."""
+
+    def __init__(self, modules: Iterable[tuple[str, nn.Module] | nn.Module], fn: HookFn, *, kind: str = "forward"):
+        self.hooks: list[Hook] = []
+        try:
+            for item in modules:
+                name, module = ("", item) if isinstance(item, nn.Module) else item
+                self.hooks.append(Hook(module, fn, kind=kind, name=name))
+        except BaseException:
+            self.remove()  # a bad item half-way must not leave the earlier hooks behind
+            raise
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def __enter__(self) -> "Hooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __getitem__(self, i: int) -> Hook:
+        return self.hooks[i]
+
+    def __len__(self) -> int:
+        return len(self.hooks)
+
+    def __iter__(self) -> Iterator[Hook]:
+        return iter(self.hooks)
+
+    def __repr__(self) -> str:
+        return f"Hooks({len(self.hooks)} {self.hooks[0].kind if self.hooks else ''} hooks)"

@@ -1,0 +1,202 @@
+"""`ActivationStats`: per-layer statistics of activations, output gradients and parameters while training.
+
+Record, analyse, plot are separate steps (STYLE.md, habit 7): this callback only records numbers, via
+hooks that reduce each tensor on its device as soon as it exists (`collect`), into a preallocated block
+of rows (`rows`) read back once per `flush_every` recorded steps into a bounded history (`store`).
+The idea of watching mean, std and a histogram of every layer's activations comes from fastai's
+ActivationStats (course22p2, lesson 16); unlike it, nothing here reads a value back inside the step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..callback import Callback
+from ..errors import ConfigError
+from ..hooks import Hooks, floating_tensors, select_modules
+from .collect import activation_stats, gather_values, gradient_stats
+from .format import Stats, save_stats
+from .params import ParamTracker
+from .rows import ACT_FIELDS, GRAD_FIELDS, PARAM_FIELDS, DeviceRows
+from .store import HistoryStore
+
+# |a| <= DEAD_THRESHOLD counts as dead. Exactly 0 would only catch ReLU's zeros and miss units of leaky or
+# shifted activations (GeneralRelu, leaky ReLU with a small slope) that are stuck just as surely near 0;
+# 1e-3 is far below the typical activation scale (~1 after good init) yet above float rounding noise.
+DEAD_THRESHOLD = 1e-3
+
+# How each saved field merges when old rows are downsampled (see store.MERGE_RULES).
+MERGE = {
+    "act_mean": "mean", "act_std": "std", "act_min": "min", "act_max": "max", "act_dead": "mean",
+    "act_nonfinite": "sum", "act_hist": "sum",
+    "grad_mean": "mean", "grad_std": "std", "grad_norm": "mean", "grad_nonfinite": "sum",
+    "weight_norm": "mean", "param_grad_norm": "mean", "update_ratio": "mean",
+}
+STD_OF = {"act_std": "act_mean", "grad_std": "grad_mean"}
+ModuleSpec = Sequence[str] | Callable[[str, nn.Module], bool] | None
+
+
+class ActivationStats(Callback):
+    """Record per-module statistics every `every` training steps (and validation batches if `valid`).
+
+    `modules`: None for `select_modules(model)`'s default, a list of names / fnmatch patterns, or a
+    `filter(name, module) -> bool`. Per recorded step: activation mean, std, min, max, dead fraction,
+    non-finite count and a histogram of |a| (`hist_bins` bins over `hist_range`), optionally on a random
+    `subsample` of each output; mean, std, L2 norm and non-finite count of each output's gradient (all
+    but the norm on the same subsample, if any); and for
+    every module owning parameters: weight norm, gradient norm and update-to-weight ratio. History keeps
+    the last `recent` rows exactly and merges older ones, at most `max_rows` in all. Hooks exist from
+    `before_fit` to `cleanup_fit` (or `remove()`).
+    """
+
+    order = 5  # after DeviceCallback (-20) has put the model on its device
+
+    def __init__(self, modules: ModuleSpec = None, *, every: int = 1, train: bool = True, valid: bool = False,
+                 dead_threshold: float = DEAD_THRESHOLD, hist_bins: int = 40, hist_range: tuple = (0.0, 10.0),
+                 subsample: int | None = None, recent: int = 1024, max_rows: int = 4096, flush_every: int = 64):
+        for name, value in (("every", every), ("hist_bins", hist_bins), ("flush_every", flush_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ActivationStats: {name} must be a positive integer, got {value!r}")
+        if subsample is not None and subsample < 1:
+            raise ConfigError(f"ActivationStats: subsample must be a positive number of values, got {subsample}")
+        if not hist_range[0] < hist_range[1]:
+            raise ConfigError(f"ActivationStats: hist_range must be (low, high) with low < high, got {hist_range}")
+        if max_rows < recent + 2:
+            raise ConfigError(f"ActivationStats: max_rows ({max_rows}) must exceed recent ({recent}) by 2 or more")
+        self.modules_spec, self.every, self.train, self.valid = modules, every, train, valid
+        self.dead_threshold, self.hist_bins = float(dead_threshold), hist_bins
+        self.hist_range = (float(hist_range[0]), float(hist_range[1]))
+        self.subsample, self.recent, self.max_rows, self.flush_every = subsample, recent, max_rows, flush_every
+        self.modules: list[str] = []
+        self._hooks: list[Hooks] = []
+        self._rows: dict[str, DeviceRows] = {}
+        self._stores: dict[str, HistoryStore] = {}
+        self._row: int | None = None       # the row being filled in this batch, if it is recorded
+        self._split = "train"
+
+    # --- set-up and tear-down ------------------------------------------------------------------------
+    def _select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        spec = self.modules_spec
+        if spec is None:
+            chosen = select_modules(model)
+        elif callable(spec):
+            chosen = select_modules(model, filter=spec)
+        else:
+            chosen = select_modules(model, names=[spec] if isinstance(spec, str) else list(spec))
+        if not chosen:
+            raise ConfigError(f"ActivationStats: no leaf module of the model matches {spec!r}")
+        return chosen
+
+    def before_fit(self, learn) -> None:
+        self.remove()
+        chosen = self._select(learn.model)
+        self.modules = [name for name, _ in chosen]
+        self._index = {id(module): i for i, (_, module) in enumerate(chosen)}
+        self._tracker = ParamTracker(learn.model)
+        param = next(learn.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        self._generator = torch.Generator(device=device).manual_seed(0) if self.subsample else None
+        M, P = len(self.modules), len(self._tracker.names)
+        self._rows, self._stores = {}, {}
+        for split, fields in (("train", ACT_FIELDS + GRAD_FIELDS + PARAM_FIELDS), ("valid", ACT_FIELDS)):
+            self._rows[split] = DeviceRows(self.flush_every, M, self.hist_bins, P, device)
+            self._stores[split] = HistoryStore({k: MERGE[k] for k in fields}, std_of=STD_OF,
+                                               recent=self.recent, max_rows=self.max_rows)
+        # Registered last: if anything above failed, no hook is left behind.
+        self._hooks = [Hooks(chosen, self._on_forward), Hooks(chosen, self._on_backward, kind="backward")]
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent); what was recorded stays available."""
+        for hooks in self._hooks:
+            hooks.remove()
+        self._hooks, self._row = [], None
+
+    def cleanup_fit(self, learn) -> None:
+        self.remove()
+        self._flush()
+
+    # --- per step --------------------------------------------------------------------------------------
+    def before_batch(self, learn) -> None:
+        if learn.training:
+            record = self.train and learn.train_iter % self.every == 0
+        else:
+            record = self.valid and learn.iter % self.every == 0
+        self._split = "train" if learn.training else "valid"
+        self._row = self._rows[self._split].start_row(learn.train_iter) if record else None
+
+    def _on_forward(self, hook, module: nn.Module, inputs: tuple, output) -> None:
+        if self._row is None:
+            return
+        tensors = floating_tensors(output)
+        if not tensors:
+            return
+        rows, r, i = self._rows[self._split], self._row, self._index[id(module)]
+        x = gather_values(tensors, self.subsample, self._generator)
+        rows.act_numel[r, i] = x.numel()
+        activation_stats(x, self.dead_threshold, self.hist_range, rows.act[r, i], rows.hist[r, i])
+
+    def _on_backward(self, hook, module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
+        if self._row is None or self._split != "train":
+            return
+        rows, r, i = self._rows["train"], self._row, self._index[id(module)]
+        g = gather_values([grad_output[0]])
+        sample = g if self.subsample is None else gather_values([g], self.subsample, self._generator)
+        rows.grad_numel[r, i] = sample.numel()
+        gradient_stats(g, sample, rows.grad[r, i])
+
+    def after_backward(self, learn) -> None:
+        if self._row is not None:
+            self._tracker.before_step(self._rows["train"].param[self._row])
+
+    def after_step(self, learn) -> None:
+        if self._row is not None:
+            self._tracker.after_step(self._rows["train"].param[self._row])
+
+    def cleanup_batch(self, learn) -> None:
+        if self._row is None:
+            return
+        self._row = None
+        rows = self._rows[self._split]
+        rows.finish_row()
+        if rows.full:
+            self._flush()
+
+    def cleanup_epoch(self, learn) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        """Move the filled device rows into the host history (one read-back per split)."""
+        for split, rows in self._rows.items():
+            if rows.n:
+                steps, fields = rows.read()
+                store = self._stores[split]
+                store.append(steps, {k: fields[k] for k in store.rules})
+
+    # --- results ---------------------------------------------------------------------------------------
+    def _arrays(self, split: str) -> dict[str, np.ndarray]:
+        store = self._stores[split]
+        if len(store):
+            return store.arrays()
+        M, B, P = len(self.modules), self.hist_bins, len(self._tracker.names)
+        shapes = {"act_hist": (0, M, B), **{k: (0, P) for k in PARAM_FIELDS}}
+        empty = {k: np.zeros(shapes.get(k, (0, M)), dtype=np.float32) for k in store.rules}
+        return {"steps": np.zeros(0, np.int64), "weights": np.zeros(0, np.int64), **empty}
+
+    def stats(self) -> Stats:
+        """Everything recorded so far, as the `Stats` that `save` writes."""
+        if not self._stores:
+            raise RuntimeError("ActivationStats has recorded nothing yet: fit a Learner with it first")
+        self._flush()
+        train = self._arrays("train")
+        valid = {f"valid_{k}": v for k, v in self._arrays("valid").items()} if self.valid else None
+        edges = np.linspace(*self.hist_range, self.hist_bins + 1)
+        return Stats(modules=list(self.modules), param_modules=list(self._tracker.names), hist_edges=edges,
+                     dead_threshold=self.dead_threshold, valid=valid, **train)
+
+    def save(self, path: str | Path) -> Path:
+        """Write `stats.npz` (into `path` if it is a folder); returns the file."""
+        return save_stats(self.stats(), path)

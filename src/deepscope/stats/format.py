@@ -1,0 +1,107 @@
+"""The saved statistics: the `Stats` dataclass and its `stats.npz` file (format described in the
+package docstring, `deepscope.stats`)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+FORMAT_VERSION = 1
+FILE_NAME = "stats.npz"
+# Fields holding lists of names, stored as unicode arrays.
+_NAME_FIELDS = ("modules", "param_modules")
+_VALID_PREFIX = "valid_"
+
+
+@dataclass
+class Stats:
+    """Per-step statistics of a training run; rows are recorded steps (possibly merged), see `steps`."""
+    modules: list[str]             # M modules whose outputs were watched
+    steps: np.ndarray              # (T,) int64, training step of each row (of its last member if merged)
+    weights: np.ndarray            # (T,) int64, recorded steps merged into the row
+    act_mean: np.ndarray           # (T, M) float32
+    act_std: np.ndarray            # (T, M)
+    act_min: np.ndarray            # (T, M)
+    act_max: np.ndarray            # (T, M)
+    act_dead: np.ndarray           # (T, M) fraction with |a| <= dead_threshold
+    act_nonfinite: np.ndarray      # (T, M) count of NaN/inf values
+    act_hist: np.ndarray           # (T, M, B) counts of |a| per bin, beyond the range clamped into the last
+    hist_edges: np.ndarray         # (B+1,)
+    grad_mean: np.ndarray          # (T, M) of the gradient of each module's output; NaN: no gradient
+    grad_std: np.ndarray           # (T, M)
+    grad_norm: np.ndarray          # (T, M)
+    grad_nonfinite: np.ndarray     # (T, M)
+    param_modules: list[str]       # P modules owning parameters directly
+    weight_norm: np.ndarray        # (T, P) after the step
+    param_grad_norm: np.ndarray    # (T, P)
+    update_ratio: np.ndarray       # (T, P) ||w_after - w_before|| / ||w_before||
+    dead_threshold: float
+    valid: dict[str, np.ndarray] | None = None  # valid_steps, valid_weights, valid_act_* when collected
+
+    def last(self) -> dict[str, dict[str, float]]:
+        """The latest value per module, for a summary table: mean, std, dead, grad_norm, update_ratio
+        (None where the module owns no parameters or nothing was recorded)."""
+        if len(self.steps) == 0:
+            return {name: {k: None for k in ("mean", "std", "dead", "grad_norm", "update_ratio")} for name in self.modules}
+        params = {name: j for j, name in enumerate(self.param_modules)}
+        table = {}
+        for i, name in enumerate(self.modules):
+            j = params.get(name)
+            table[name] = {
+                "mean": float(self.act_mean[-1, i]), "std": float(self.act_std[-1, i]),
+                "dead": float(self.act_dead[-1, i]), "grad_norm": float(self.grad_norm[-1, i]),
+                "update_ratio": None if j is None else float(self.update_ratio[-1, j]),
+            }
+        return table
+
+
+def _file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / FILE_NAME if path.is_dir() or not path.suffix else path
+
+
+def save_stats(stats: Stats, path: str | Path) -> Path:
+    """Write `stats` to `path` (a run folder gets `stats.npz`); returns the file written."""
+    file = _file(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"format_version": np.array(FORMAT_VERSION)}
+    for f in dataclasses.fields(Stats):
+        value = getattr(stats, f.name)
+        if f.name == "valid":
+            arrays.update({k: np.asarray(v) for k, v in (value or {}).items()})
+        elif f.name in _NAME_FIELDS:
+            arrays[f.name] = np.array(value, dtype=np.str_)
+        else:
+            arrays[f.name] = np.asarray(value)
+    np.savez_compressed(file, **arrays)
+    return file
+
+
+def load_stats(path: str | Path) -> Stats:
+    """Read `stats.npz` (or a run folder holding one) into a `Stats`; DataError if it is not one."""
+    file = _file(path)
+    if not file.is_file():
+        raise DataError(f"no statistics at {file}: train with statistics on (ActivationStats) to write them")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as e:
+        raise DataError(f"{file} is not a readable statistics file ({type(e).__name__}: {e})") from e
+    version = arrays.get("format_version")
+    if version is None or int(version) != FORMAT_VERSION:
+        raise DataError(f"{file} has statistics format version {None if version is None else int(version)}, "
+                        f"this deepscope reads version {FORMAT_VERSION}: re-record the run with this version")
+    needed = [f.name for f in dataclasses.fields(Stats) if f.name != "valid"]
+    missing = [k for k in needed if k not in arrays]
+    if missing:
+        raise DataError(f"{file} lacks the keys {missing}; it was not written by deepscope.stats or is damaged")
+    values = {k: arrays[k] for k in needed}
+    for k in _NAME_FIELDS:
+        values[k] = [str(s) for s in values[k]]
+    values["dead_threshold"] = float(values["dead_threshold"])
+    valid = {k: v for k, v in arrays.items() if k.startswith(_VALID_PREFIX)}
+    return Stats(**values, valid=valid or None)
