@@ -22,11 +22,9 @@ def _l2(p: torch.Tensor, weight_decay: float) -> torch.Tensor:
     return p.grad.add(p, alpha=weight_decay) if weight_decay else p.grad
 
 
-class SGD(Optimizer):
-    """Plain gradient descent: p ← p - lr·(grad + wd·p)."""
-
-    def __init__(self, params: Params, lr: float, weight_decay: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+class PerParameterOptimizer(Optimizer):
+    """The loop every optimiser here shares: each parameter with a gradient gets `update(p, group, state)`,
+    the one method a subclass writes (lesson 11's `opt_step`)."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -34,11 +32,24 @@ class SGD(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    p.sub_(_l2(p, group["weight_decay"]), alpha=group["lr"])
+                    self.update(p, group, self.state[p])
         return loss
 
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
 
-class Momentum(Optimizer):
+
+class SGD(PerParameterOptimizer):
+    """Plain gradient descent: p ← p - lr·(grad + wd·p)."""
+
+    def __init__(self, params: Params, lr: float, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        p.sub_(_l2(p, group["weight_decay"]), alpha=group["lr"])
+
+
+class Momentum(PerParameterOptimizer):
     """SGD with momentum as torch writes it (dampening 0): buf ← mom·buf + grad; p ← p - lr·buf.
 
     The first step starts the buffer at the gradient itself. The hyper-parameter is stored under torch's
@@ -48,24 +59,16 @@ class Momentum(Optimizer):
     def __init__(self, params: Params, lr: float, mom: float = 0.9, weight_decay: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, momentum=mom, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None if closure is None else torch.enable_grad()(closure)()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = _l2(p, group["weight_decay"])
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = grad.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                p.sub_(state["momentum_buffer"], alpha=group["lr"])
-        return loss
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        grad = _l2(p, group["weight_decay"])
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = grad.clone()
+        else:
+            state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+        p.sub_(state["momentum_buffer"], alpha=group["lr"])
 
 
-class RMSProp(Optimizer):
+class RMSProp(PerParameterOptimizer):
     """RMSProp (Hinton, Coursera lecture 6e): divide the step by a running RMS of the gradient.
 
     sq ← alpha·sq + (1-alpha)·grad²; p ← p - lr·grad / (sqrt(sq) + eps), as torch.optim.RMSprop.
@@ -75,27 +78,18 @@ class RMSProp(Optimizer):
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None if closure is None else torch.enable_grad()(closure)()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = _l2(p, group["weight_decay"])
-                state = self.state[p]
-                if "square_avg" not in state:
-                    state["square_avg"] = torch.zeros_like(p)
-                sq = state["square_avg"]
-                sq.mul_(group["alpha"]).addcmul_(grad, grad, value=1 - group["alpha"])
-                p.addcdiv_(grad, sq.sqrt().add_(group["eps"]), value=-group["lr"])
-        return loss
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        grad = _l2(p, group["weight_decay"])
+        if "square_avg" not in state:
+            state["square_avg"] = torch.zeros_like(p)
+        sq = state["square_avg"]
+        sq.mul_(group["alpha"]).addcmul_(grad, grad, value=1 - group["alpha"])
+        p.addcdiv_(grad, sq.sqrt().add_(group["eps"]), value=-group["lr"])
 
 
-def _adam_update(opt: Optimizer, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+def _adam_update(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
     """One Adam step (Kingma & Ba 2015) on `p`: bias-corrected first and second moments of `grad`."""
     beta1, beta2 = group["betas"]
-    state = opt.state[p]
     if not state:
         state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     state["step"] += 1
@@ -108,24 +102,18 @@ def _adam_update(opt: Optimizer, p: torch.Tensor, grad: torch.Tensor, group: dic
     p.addcdiv_(state["exp_avg"], v_hat.sqrt_().add_(group["eps"]), value=-group["lr"] / m_hat_scale)
 
 
-class Adam(Optimizer):
+class Adam(PerParameterOptimizer):
     """Adam with L2 weight decay added to the gradient, as torch.optim.Adam does."""
 
     def __init__(self, params: Params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None if closure is None else torch.enable_grad()(closure)()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    _adam_update(self, p, _l2(p, group["weight_decay"]), group)
-        return loss
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        _adam_update(p, _l2(p, group["weight_decay"]), group, state)
 
 
-class AdamW(Optimizer):
+class AdamW(PerParameterOptimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter 2019): p ← p·(1 - lr·wd) before the Adam step.
 
     Decay applied to the weights, not the gradient, is not rescaled by Adam's per-parameter step size.
@@ -135,15 +123,9 @@ class AdamW(Optimizer):
                  weight_decay: float = 0.01) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None if closure is None else torch.enable_grad()(closure)()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    _adam_update(self, p, p.grad, group)
-        return loss
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        _adam_update(p, p.grad, group, state)
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {
