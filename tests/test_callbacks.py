@@ -197,3 +197,18 @@ def test_fit_on_cuda_keeps_model_and_batches_there():
     learn = make([DeviceCallback("cuda", channels_last=True), MetricsCallback(), Where()])
     learn.fit(1)
     assert set(seen) == {("cuda", "cuda")} and next(learn.model.parameters()).is_cuda
+
+
+def test_cosine_schedule_and_the_recorder_plots_it():
+    from deepscope.callbacks import CosineSchedule
+
+    recorder = Recorder()
+    learn = make([CosineSchedule(0.5, div_final=100), recorder], n_train=80, bs=8)
+    learn.fit(2)  # 20 steps
+    lrs = recorder.lrs
+    assert lrs[0] == pytest.approx(0.5) and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[10] == pytest.approx(0.5 / 100 + (0.5 - 0.5 / 100) * (1 + math.cos(math.pi * 0.5)) / 2)
+    fig = recorder.plot_schedule()
+    assert list(fig.axes[0].lines[0].get_ydata()) == lrs
+    fig = recorder.plot_loss()
+    assert list(fig.axes[0].lines[0].get_ydata()) == recorder.losses
