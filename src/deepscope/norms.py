@@ -201,30 +201,49 @@ class RunningBatchNorm(nn.Module):
         self.register_buffer("count", torch.zeros(()))
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
 
-    @torch.no_grad()
-    def update_stats(self, x: torch.Tensor) -> None:
-        """Fold one batch into the running sums; gradients do not flow through the statistics."""
+    def _folded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The running sums, sums of squares and count with this batch folded in. The history is a buffer
+        (no gradient), but this batch's share keeps its gradient, as in the lesson: the layer still
+        learns, like BatchNorm, that shifting or scaling its input changes the statistics it divides by."""
         dims = _batch_dims(x)
         w = 1 - (1 - self.momentum) ** (x.shape[0] / self.ref_batch_size)  # this batch's weight
-        self.sums.lerp_(x.sum(dims), w)
-        self.sqrs.lerp_((x * x).sum(dims), w)
-        self.count.lerp_(self.count.new_tensor(x.numel() / x.shape[1]), w)
+        sums = torch.lerp(self.sums, x.sum(dims), w)
+        sqrs = torch.lerp(self.sqrs, (x * x).sum(dims), w)
+        count = torch.lerp(self.count, self.count.new_tensor(x.numel() / x.shape[1]), w)
+        return sums, sqrs, count
+
+    @torch.no_grad()
+    def update_stats(self, x: torch.Tensor) -> None:
+        """Fold one batch into the running sums (what a training forward pass does)."""
+        self._store(*self._folded(x))
+
+    @torch.no_grad()
+    def _store(self, sums: torch.Tensor, sqrs: torch.Tensor, count: torch.Tensor) -> None:
+        self.sums.copy_(sums)
+        self.sqrs.copy_(sqrs)
+        self.count.copy_(count)
         self.batches += 1
 
     def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current mean and variance per channel, shape `(C,)` each."""
-        if self.count == 0:  # never trained: behave like an identity normalisation
-            return torch.zeros_like(self.sums), torch.ones_like(self.sqrs)
-        mean = self.sums / self.count
-        var = (self.sqrs / self.count - mean * mean).clamp_min(0.0)
+        return self._mean_var(self.sums, self.sqrs, self.count)
+
+    def _mean_var(self, sums: torch.Tensor, sqrs: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.count == 0 and count is self.count:  # never trained: behave like an identity normalisation
+            return torch.zeros_like(sums), torch.ones_like(sqrs)
+        mean = sums / count
+        var = (sqrs / count - mean * mean).clamp_min(0.0)
         if self.batches < self.warmup_batches:
             var = var.clamp_min(self.min_var)
         return mean, var
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            self.update_stats(x)
-        mean, var = self.stats()
+            sums, sqrs, count = self._folded(x)
+            mean, var = self._mean_var(sums, sqrs, count)
+            self._store(sums, sqrs, count)
+        else:
+            mean, var = self.stats()
         x = (x - _per_channel(mean, x)) / torch.sqrt(_per_channel(var, x) + self.eps)
         return x * _per_channel(self.weight, x) + _per_channel(self.bias, x)
 

@@ -1,0 +1,242 @@
+"""Ablation: train a grid of small CNNs (norm x batch size, plus init/activation variants) on a fixed
+budget each and compare test accuracy, final training loss and the fraction of dead activations.
+
+Each run is capped by steps (`max_batches`) *and* by time (`budget_seconds`), whichever comes first, so
+the whole grid has a known cost. That is a compute budget, not a data budget: at equal steps a batch of 2
+sees 128x fewer images than a batch of 256, and at equal time a slow norm layer gets fewer steps. The
+table reports `steps` and `seconds` so these differences can be read, not hidden.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .callback import Callback, CancelFitException
+from .errors import ConfigError
+from .hooks import Hooks, select_modules
+
+DEFAULT_NORMS = ("none", "batch", "layer", "instance", "group", "running_batch")
+DEFAULT_BATCH_SIZES = (2, 16, 256)
+# Variants are "init-act"; the first is the base every norm runs with, the others run on the no-norm CNN,
+# where init and activation matter most (no norm layer rescales what a poor init gets wrong).
+BASE_VARIANT = "default-relu"
+DEFAULT_VARIANTS = (BASE_VARIANT, "kaiming-relu", "default-general_relu", "kaiming-general_relu")
+VARIANT_NORM = "none"
+INITS = ("default", "kaiming", "lsuv")
+DEFAULT_NFS = (8, 16, 32, 64)  # small enough that the default grid runs in minutes on a 2-core CPU
+DEFAULT_LR = 2e-3  # AdamW, constant: one lr for every batch size (see docs/ablation.md for what that means)
+EVAL_ITEMS = 2000  # the first N test images: the same fixed subset for every run
+DEAD_BATCH = 500  # test images pushed through the trained model to measure dead activations
+FINAL_LOSS_WINDOW = 20  # "final train loss" = mean of the last N batch losses (one batch is too noisy)
+# An activation output counts as dead when it is <= f(0) + DEAD_MARGIN, f being the activation: the unit
+# sits on its off side (input <= 0). For ReLU that is an exact zero; for GeneralRelu (leak 0.1, sub 0.4)
+# it is <= -0.4, where the unit passes only a 0.1-slope gradient.
+DEAD_MARGIN = 0.0
+CSV_COLUMNS = ("norm", "batch_size", "init", "act", "seed", "accuracy", "train_loss", "dead_fraction", "seconds", "steps")
+
+
+@dataclass
+class AblationGrid:
+    norms: Sequence[str] = DEFAULT_NORMS
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES
+    variants: Sequence[str] = DEFAULT_VARIANTS
+    seeds: int = 1
+    budget_seconds: float = 8.0  # per run
+    max_batches: int = 500  # per run
+    lr: float = DEFAULT_LR
+    nfs: Sequence[int] = field(default_factory=lambda: list(DEFAULT_NFS))
+
+    def __post_init__(self) -> None:
+        from .models import ACTIVATIONS
+        from .norms import NORM_KINDS
+
+        for norm in self.norms:
+            if norm not in NORM_KINDS:
+                raise ConfigError(f"unknown norm {norm!r} in the grid; choose from {list(NORM_KINDS)}")
+        for bs in self.batch_sizes:
+            if not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0:
+                raise ConfigError(f"batch size {bs!r} in the grid must be a positive whole number")
+        acts = (*ACTIVATIONS, "general_relu")
+        for v in self.variants:
+            init, _, act = v.partition("-")
+            if init not in INITS or act not in acts:
+                raise ConfigError(f"variant {v!r} must be INIT-ACT with INIT in {INITS} and ACT in {acts}")
+        for name in ("seeds", "max_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
+        if not self.budget_seconds > 0:
+            raise ConfigError(f"budget seconds must be positive, got {self.budget_seconds}")
+
+    def runs(self) -> list[tuple[str, int, str, str, int]]:
+        """(norm, batch_size, init, act, seed) for every run: each norm with the base variant, and the
+        other variants on the no-norm CNN."""
+        base = self.variants[0] if self.variants else BASE_VARIANT
+        combos = [(n, base) for n in self.norms]
+        combos += [(VARIANT_NORM, v) for v in self.variants[1:] if VARIANT_NORM in self.norms]
+        return [(norm, bs, *variant.split("-", 1), seed) for seed in range(self.seeds)
+                for norm, variant in combos for bs in self.batch_sizes]
+
+
+# --- dead activations ------------------------------------------------------------------------------------
+def dead_fraction(output: torch.Tensor, floor: float, margin: float = DEAD_MARGIN) -> float:
+    """Fraction of the values of `output` that are <= floor + margin."""
+    return float((output <= floor + margin).float().mean())
+
+
+def activation_floor(act: nn.Module) -> float:
+    """f(0) for an activation module: the output of a unit with zero input."""
+    with torch.no_grad():
+        return float(act(torch.zeros(1)))
+
+
+def measure_dead(model: nn.Module, xb: torch.Tensor, margin: float = DEAD_MARGIN) -> float:
+    """Dead fraction over all activation outputs of `model` on `xb` (eval mode), via forward hooks."""
+    acts = [(name, m) for name, m in select_modules(model) if name.rsplit(".", 1)[-1] == "act"]
+    floors = {m: activation_floor(m) for _, m in acts}  # before the hooks exist (calling m would re-enter them)
+    dead, total = [0.0], [0]
+
+    def record(hook, module, inputs, output):
+        n = output.numel()
+        dead[0] += dead_fraction(output, floors[module], margin) * n
+        total[0] += n
+
+    was_training = model.training
+    model.eval()
+    try:
+        with Hooks(acts, record), torch.no_grad():
+            model(xb)
+    finally:
+        model.train(was_training)
+    return dead[0] / total[0] if total[0] else float("nan")
+
+
+# --- one run -------------------------------------------------------------------------------------------
+class Budget(Callback):
+    """Stop the fit after `max_batches` training batches or `seconds` of training, whichever first."""
+
+    order = 40
+
+    def __init__(self, max_batches: int, seconds: float):
+        self.max_batches, self.seconds = max_batches, seconds
+        self.steps, self.elapsed, self._start = 0, 0.0, 0.0
+
+    def before_fit(self, learn) -> None:
+        self.steps, self._start = 0, time.perf_counter()
+
+    def after_batch(self, learn) -> None:
+        self.steps += 1
+        self.elapsed = time.perf_counter() - self._start
+        if self.steps >= self.max_batches or self.elapsed >= self.seconds:
+            raise CancelFitException()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 500) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(x), bs))
+    return correct / len(x)
+
+
+def run_one(data, norm: str, bs: int, init: str, act: str, seed: int, grid: AblationGrid, device: str = "cpu") -> dict:
+    """Train one configuration on `data` (a DataLoaders) within the budget; return its CSV row."""
+    from .callbacks import Recorder
+    from .config import TrainConfig
+    from .data import DataLoaders, TensorBatches
+    from .recipe import build_learner
+    from .seed import set_seed
+
+    config = TrainConfig(norm=norm, batch_size=bs, init=init, act=act, seed=seed, lr=grid.lr, schedule="constant",
+                         nfs=list(grid.nfs), device=device, stats=False)
+    set_seed(seed)
+    train = TensorBatches(data.train.x, data.train.y, bs, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(seed))
+    dls = DataLoaders(train, None, data.n_classes, data.classes, data.info)
+    budget = Budget(grid.max_batches, grid.budget_seconds)
+    learn = build_learner(config, dls, extra_cbs=[budget], progress=False)
+    started = time.perf_counter()
+    learn.fit(max(1, math.ceil(grid.max_batches / max(len(train), 1))), valid=False)
+    seconds = time.perf_counter() - started
+    x_eval, y_eval = data.valid.x[:EVAL_ITEMS], data.valid.y[:EVAL_ITEMS]
+    model_device = next(learn.model.parameters()).device
+    losses = learn.get_cb(Recorder).losses
+    return {"norm": norm, "batch_size": bs, "init": init, "act": act, "seed": seed,
+            "accuracy": accuracy(learn.model, x_eval.to(model_device), y_eval.to(model_device)),
+            "train_loss": float(np.mean(losses[-FINAL_LOSS_WINDOW:])) if losses else float("nan"),
+            "dead_fraction": measure_dead(learn.model, x_eval[:DEAD_BATCH].to(model_device)),
+            "seconds": seconds, "steps": budget.steps}
+
+
+def run_grid(data, grid: AblationGrid, device: str = "cpu", log=print) -> list[dict]:
+    rows = []
+    runs = grid.runs()
+    for k, (norm, bs, init, act, seed) in enumerate(runs, 1):
+        row = run_one(data, norm, bs, init, act, seed, grid, device)
+        log(f"[{k}/{len(runs)}] norm={norm:<13} bs={bs:<4} {init}-{act:<13} seed={seed} acc={row['accuracy']:.3f} "
+            f"loss={row['train_loss']:.3f} dead={row['dead_fraction']:.2f} steps={row['steps']} {row['seconds']:.1f}s")
+        rows.append(row)
+    return rows
+
+
+# --- outputs -------------------------------------------------------------------------------------------
+def write_csv(rows: list[dict], path: Path) -> None:
+    with Path(path).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One entry per configuration, the seeds averaged (std of accuracy when there is more than one)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["norm"], r["batch_size"], r["init"], r["act"]), []).append(r)
+    out = []
+    for (norm, bs, init, act), rs in groups.items():
+        mean = lambda key: float(np.mean([r[key] for r in rs]))
+        acc = [r["accuracy"] for r in rs]
+        out.append({"norm": norm, "batch_size": bs, "init": init, "act": act, "seeds": len(rs),
+                    "accuracy": mean("accuracy"), "accuracy_std": float(np.std(acc)) if len(rs) > 1 else None,
+                    "train_loss": mean("train_loss"), "dead_fraction": mean("dead_fraction"),
+                    "steps": mean("steps"), "seconds": mean("seconds")})
+    return out
+
+
+def markdown_table(summary: list[dict]) -> str:
+    head = "| norm | batch size | init | act | seeds | accuracy | final train loss | dead fraction | steps | seconds |"
+    lines = [head, "|" + "---|" * 10]
+    for s in summary:
+        acc = f"{100 * s['accuracy']:.1f}%" + (f" ± {100 * s['accuracy_std']:.1f}" if s["accuracy_std"] is not None else "")
+        lines.append(f"| {s['norm']} | {s['batch_size']} | {s['init']} | {s['act']} | {s['seeds']} | {acc} | "
+                     f"{s['train_loss']:.3f} | {s['dead_fraction']:.2f} | {s['steps']:.0f} | {s['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(summary: list[dict], ax=None):
+    """Accuracy per configuration (norm, or norm/init-act for variants), one bar per batch size."""
+    import matplotlib.pyplot as plt
+
+    from . import plots  # noqa: F401  (selects a headless backend where there is no display)
+
+    fig, ax = plt.subplots(figsize=(10, 4)) if ax is None else (ax.figure, ax)
+    labels = list(dict.fromkeys(s["norm"] if f"{s['init']}-{s['act']}" == BASE_VARIANT else
+                                f"{s['norm']}\n{s['init']}-{s['act']}" for s in summary))
+    sizes = sorted({s["batch_size"] for s in summary})
+    width = 0.8 / max(len(sizes), 1)
+    for k, bs in enumerate(sizes):
+        acc = {(s["norm"] if f"{s['init']}-{s['act']}" == BASE_VARIANT else f"{s['norm']}\n{s['init']}-{s['act']}"):
+               s["accuracy"] for s in summary if s["batch_size"] == bs}
+        xs = [i + (k - (len(sizes) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, [acc.get(lab, np.nan) for lab in labels], width, label=f"batch size {bs}")
+    ax.set_xticks(range(len(labels)), labels, fontsize="small")
+    ax.set(ylabel="test accuracy", ylim=(0, 1), title="ablation: accuracy per normalisation, grouped by batch size")
+    ax.legend(fontsize="small")
+    return fig
