@@ -84,6 +84,20 @@ def sort_findings(findings: list[Finding]) -> list[Finding]:
     return sorted(unique, key=lambda f: (SEVERITIES.index(f.severity), KINDS.index(f.kind)))
 
 
+def merge_findings(known: list[Finding], new: list[Finding]) -> list[Finding]:
+    """`known` plus the `new` findings about a kind and module not yet known. Where both saw the same kind
+    in the same module, the more severe one stays (the known one on a tie)."""
+    merged = list(known)
+    where = {(f.kind, f.module): i for i, f in enumerate(known)}
+    for f in new:
+        i = where.get((f.kind, f.module))
+        if i is None:
+            merged.append(f)
+        elif SEVERITIES.index(f.severity) < SEVERITIES.index(merged[i].severity):
+            merged[i] = f
+    return sort_findings(merged)
+
+
 def problems(findings: list[Finding]) -> list[Finding]:
     """The findings that need action: errors and warnings."""
     return [f for f in findings if f.severity in ("error", "warning")]

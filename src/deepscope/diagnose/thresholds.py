@@ -78,3 +78,32 @@ BN_SMALL_BATCH = 8
 INPUT_MEAN_LIMIT = 1.0
 INPUT_STD_MIN = 0.2
 INPUT_STD_MAX = 5.0
+
+# --- the whole run's history (ActivationStats and Recorder, read by the Diagnose callback) ----------------
+# "The end of the run" is its last 10% of recorded rows (losses), at least this many, so one noisy step
+# cannot decide a finding on its own.
+HISTORY_TAIL_MIN = 5
+# Fewer recorded rows (losses) than this are too short a history to call anything a trend.
+HISTORY_MIN_POINTS = 8
+# Rise-and-crash (lesson 10's plain CNN at a high learning rate): a layer whose output std ends below 1/10
+# of its peak has been switched off by the training; in that run the ReLU layers peak at ~1.4 and end at
+# 0.02-0.05 (27-68x down), while healthy runs end within 3x of their peak.
+ACT_CRASH_RATIO = 0.1
+# ...and below this absolute std: the target scale is ~1 (lesson 10-11), so a layer ending at 0.1 or less
+# carries (and passes back) a tenth of a healthy signal; a layer that settles from 50 to 4 is not dead.
+ACT_CRASH_FLOOR = 0.1
+# Share of a layer's output values that are (near) zero at the end of the run. ReLU outputs are ~50% zero
+# by nature: 0.44-0.56 in the healthy CNN runs with BatchNorm (default and kaiming init); the plain CNN that
+# died at lr 0.6 ends at 0.82-0.86. Above 75% most of the layer passes no gradient; at 99% it is all off.
+DEAD_VALUES_WARNING = 0.75
+DEAD_VALUES_ERROR = 0.99
+# A single training loss above 1.5x the first one is a spike: the first loss of a classifier is ~ln(C),
+# chance level, so above 1.5x the model is confidently wrong: a step overshot. 2x is LOSS_RISE_ERROR.
+LOSS_SPIKE_RATIO = 1.5
+# The loss "ends at chance" when the end of the run is no lower than ln(n_classes) minus 3%: the batch
+# noise of a loss that has stopped moving is ~1% at batch size 1024 and a few % on small batches.
+CHANCE_TOLERANCE = 0.03
+# ...after having been at least 5% below chance (averaged over this many consecutive losses): the model
+# had learned something and lost it, which is divergence, not a learning rate too low to start.
+CHANCE_LEARNED_MARGIN = 0.05
+CHANCE_SMOOTH = 5

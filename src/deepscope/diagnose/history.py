@@ -1,0 +1,142 @@
+"""What the whole run's history showed: pure functions of recorded arrays (ActivationStats' per-step
+statistics, the Recorder's losses) to findings.
+
+The probe looks at one step in fifty; these checks see every recorded step, so they catch what happens
+between probes and over the whole run: a layer that rises and then crashes (lesson 10's plain CNN at a
+high learning rate), layers that end mostly dead, a loss that spiked or ended stuck at chance level.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .finding import Finding
+from .thresholds import (
+    ACT_CRASH_FLOOR, ACT_CRASH_RATIO, CHANCE_LEARNED_MARGIN, CHANCE_SMOOTH, CHANCE_TOLERANCE, DEAD_VALUES_ERROR,
+    DEAD_VALUES_WARNING, HISTORY_MIN_POINTS, HISTORY_TAIL_MIN, LOSS_RISE_ERROR, LOSS_SPIKE_RATIO,
+)
+
+_FIX_DIVERGED = ("Lower the learning rate (3-10x; an LR finder shows the usable range) or warm it up; add "
+                 "normalisation layers (BatchNorm) with a kaiming init so the scale cannot run away; retrain from "
+                 "the start, as dead units do not recover.")
+
+
+def tail_size(n: int) -> int:
+    """How many of `n` rows count as "the end of the run": the last 10%, at least HISTORY_TAIL_MIN, at most
+    half of them."""
+    return max(1, min(n // 2, max(HISTORY_TAIL_MIN, n // 10)))
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def check_activation_crash(modules: list[str], steps: np.ndarray, act_std: np.ndarray) -> list[Finding]:
+    """The first module (in the order given, the model's) whose output std ended below ACT_CRASH_RATIO of
+    its peak and below ACT_CRASH_FLOOR: the rise-and-crash of a too-high learning rate. `act_std` is (T, M);
+    NaN/inf rows are skipped (the NaN checks report those)."""
+    T = len(steps)
+    if T < HISTORY_MIN_POINTS:
+        return []
+    k = tail_size(T)
+    crashed = []
+    for j, name in enumerate(modules):
+        col = _finite(act_std[:, j])
+        before, end = col[:-k], col[-k:]
+        if np.isnan(before).all() or np.isnan(end).all():
+            continue
+        i = int(np.nanargmax(before))
+        peak, final = float(before[i]), float(np.nanmean(end))
+        if final < peak * ACT_CRASH_RATIO and final < ACT_CRASH_FLOOR:
+            first = float(before[~np.isnan(before)][0])
+            crashed.append({"module": name, "peak_std": peak, "peak_step": int(steps[i]), "first_std": first,
+                            "final_std": final, "ratio": final / peak})
+    if not crashed:
+        return []
+    c = crashed[0]
+    rose = f"rose from {c['first_std']:.3g} to" if c["peak_std"] > c["first_std"] else "was"
+    others = [d["module"] for d in crashed[1:]]
+    also = f" So did {len(others)} later layer{'s' if len(others) > 1 else ''} ({', '.join(others[:4])}" \
+           f"{', ...' if len(others) > 4 else ''})." if others else ""
+    return [Finding("activation_collapse", c["module"], "warning",
+                    f"The output std of {c['module']!r} {rose} {c['peak_std']:.3g} at step {c['peak_step']}, then "
+                    f"crashed to {c['final_std']:.3g} by the end of the run ({c['ratio']:.2g}x its peak; threshold "
+                    f"{ACT_CRASH_RATIO:g}x and below {ACT_CRASH_FLOOR:g}): training switched the layer off.{also}",
+                    _FIX_DIVERGED, {**c, "end_rows": k, "collapsed": [d["module"] for d in crashed]})]
+
+
+def check_dead_history(modules: list[str], steps: np.ndarray, act_dead: np.ndarray) -> list[Finding]:
+    """Modules whose outputs are (near) zero for more than DEAD_VALUES_WARNING of their values at the end
+    of the run. `act_dead` is (T, M), the fraction of values at or below the dead threshold per row."""
+    T = len(steps)
+    if T < HISTORY_MIN_POINTS:
+        return []
+    k = tail_size(T)
+    findings = []
+    for j, name in enumerate(modules):
+        end = _finite(act_dead[-k:, j])
+        if np.isnan(end).all():
+            continue
+        frac = float(np.nanmean(end))
+        if frac <= DEAD_VALUES_WARNING:
+            continue
+        first = _finite(act_dead[:, j])
+        first = float(first[~np.isnan(first)][0])
+        findings.append(Finding(
+            "dead_units", name, "error" if frac >= DEAD_VALUES_ERROR else "warning",
+            f"{frac:.0%} of the output values of {name!r} were zero over the last {k} recorded steps (steps "
+            f"{int(steps[-k])}-{int(steps[-1])}; {first:.0%} at the first); ReLU outputs are ~50% zero in a healthy "
+            f"network (threshold {DEAD_VALUES_WARNING:.0%}). Zero outputs pass no gradient.",
+            "Lower the learning rate, use an init scaled for the activation (kaiming), add a norm layer before "
+            "the activation, or use LeakyReLU/GELU.",
+            {"dead_fraction": frac, "first_dead_fraction": first, "end_rows": k, "last_step": int(steps[-1])}))
+    return findings
+
+
+def check_loss_history(losses: list[float], n_classes: int | None = None) -> list[Finding]:
+    """lr_too_high from the training loss of every step: ending at chance level (ln n_classes, for a
+    classifier trained with cross-entropy) after having been lower, or a spike above LOSS_SPIKE_RATIO x
+    the first loss. Losses after the first NaN/Inf are ignored (the NaN checks report those)."""
+    values = []
+    for v in losses:
+        if not math.isfinite(v):
+            break
+        values.append(float(v))
+    if len(values) < HISTORY_MIN_POINTS:
+        return []
+    v = np.array(values)
+    k = tail_size(len(v))
+    start, final = v[0], float(v[-k:].mean())
+    at = int(v.argmax())
+    peak = float(v[at])
+    evidence = {"first_loss": start, "peak_loss": peak, "peak_step": at, "final_loss": final, "end_steps": k,
+                "steps": len(v)}
+    if n_classes is not None and n_classes >= 2:
+        chance = math.log(n_classes)
+        smooth = np.convolve(v, np.ones(CHANCE_SMOOTH) / CHANCE_SMOOTH, mode="valid")
+        low_at = int(smooth.argmin())
+        low = float(smooth[low_at])
+        if final >= chance * (1 - CHANCE_TOLERANCE) and low <= chance * (1 - CHANCE_LEARNED_MARGIN):
+            spiked = f", spiked to {peak:.4g} at step {at}," if peak > start else ""
+            return [Finding("lr_too_high", "", "error",
+                            f"The model predicts no better than chance: the training loss had come down to "
+                            f"{low:.4g} (around step {low_at + CHANCE_SMOOTH // 2}){spiked} and ended at {final:.4g}, "
+                            f"chance level ln({n_classes}) = {chance:.4g}. Training diverged and the network died.",
+                            _FIX_DIVERGED,
+                            {**evidence, "n_classes": n_classes, "chance_loss": chance, "lowest_loss": low})]
+    if start > 0 and peak > start * LOSS_SPIKE_RATIO:
+        return [Finding("lr_too_high", "", "error" if peak > start * LOSS_RISE_ERROR else "warning",
+                        f"The training loss spiked from {start:.4g} to {peak:.4g} ({peak / start:.3g}x) at step {at} "
+                        f"(threshold {LOSS_SPIKE_RATIO:g}x) and ended at {final:.4g}: a step overshot.",
+                        "Lower the learning rate (3-10x) or warm it up; add gradient clipping; an LR finder shows "
+                        "the usable range.", evidence)]
+    return []
+
+
+def analyse_history(modules: list[str], steps: np.ndarray, act_std: np.ndarray, act_dead: np.ndarray,
+                    losses: list[float], n_classes: int | None = None) -> list[Finding]:
+    """All checks on the run's history (pass empty arrays for what was not recorded)."""
+    return (check_activation_crash(modules, steps, act_std) + check_dead_history(modules, steps, act_dead)
+            + check_loss_history(losses, n_classes))
