@@ -11,14 +11,18 @@ from .callbacks import (
 )
 from .data import DataLoaders, TensorBatches, image_dls
 from .diagnose import Diagnose, Finding, diagnose
+from .hooks import Hook, Hooks, select_modules
 from .learner import Learner, TrainStep
+from .lr_find import LRFindResult, lr_find
 from .models import cnn, get_model, resnet
 from .seed import set_seed
+from .stats import ActivationStats, Stats, load_stats
 
 __all__ = [
     "EVENTS", "Callback", "CallbackError", "CancelBatchException", "CancelEpochException", "CancelFitException",
     "CancelTrainException", "CancelValidateException", "DeviceCallback", "LimitBatches", "MetricsCallback",
     "OneCycle", "ParamScheduler", "ProgressCallback", "Recorder", "SingleBatch", "default_callbacks",
     "DataLoaders", "TensorBatches", "image_dls", "Learner", "TrainStep", "cnn", "get_model", "resnet", "set_seed",
-    "diagnose", "Diagnose", "Finding", "CosineSchedule", "EarlyStopping", "GradClip", "MixedPrecision", "SaveBest",
+    "diagnose", "Diagnose", "Finding", "Hook", "Hooks", "select_modules", "LRFindResult", "lr_find",
+    "ActivationStats", "Stats", "load_stats", "CosineSchedule", "EarlyStopping", "GradClip", "MixedPrecision", "SaveBest",
 ]
