@@ -131,3 +131,38 @@ def test_top_level_help_lists_commands(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert "train" in text and "report" in text
+
+
+@pytest.mark.parametrize("extra", [
+    ["--opt", "ds_adamw", "--norm", "group", "--init", "kaiming"],
+    ["--opt", "ds_momentum", "--norm", "running_batch", "--init", "lsuv", "--act", "general_relu"],
+    ["--opt", "rmsprop", "--norm", "layer", "--schedule", "cosine", "--model", "resnet"],
+    ["--opt", "sgd", "--norm", "instance", "--schedule", "constant"],
+])
+def test_every_optimizer_norm_and_init_option_trains(extra, tiny_data, tmp_path):
+    assert train(tiny_data, tmp_path / "run", "--epochs", "1", *extra) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert config["opt"] == extra[1] and config["norm"] == extra[3]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())[0]["train_loss"] > 0
+
+
+def test_unknown_optimizer_is_refused(tiny_data, tmp_path, capsys):
+    code = train(tiny_data, tmp_path / "run", "--opt", "lion")
+    check_error(capsys, code, "unknown optimizer 'lion'", tmp_path / "run")
+
+
+def test_statistics_findings_and_tensorboard_by_default(tiny_data, tmp_path):
+    from deepscope.stats import load_stats
+
+    args = [a for a in FAST if a != "--no-stats"]
+    assert main(["train", "--data-dir", str(tiny_data), "--out", str(tmp_path / "run"), *args,
+                 "--stats-every", "2", "--tensorboard"]) == 0
+    run = tmp_path / "run"
+    stats = load_stats(run)
+    assert "block0.conv" in stats.modules and len(stats.steps) == 6 and list(stats.steps) == [0, 2, 4, 6, 8, 10]
+    findings = json.loads((run / "findings.json").read_text())
+    assert isinstance(findings, list)
+    assert all({"kind", "module", "severity", "message", "fix", "evidence"} <= set(f) for f in findings)
+    assert any((run / "tensorboard").iterdir())
+    html = (run / "report.html").read_text()
+    assert "block0.conv" in html and "Findings" in html
