@@ -110,10 +110,12 @@ def test_running_batchnorm_does_not_jump_between_train_and_eval():
 
 
 def test_running_batchnorm_stats_follow_the_data():
+    # At batch size 2 each batch weighs 0.1, so the estimate pools ~19 batches of 50 values per channel:
+    # sd ~0.065 for the mean (true 1) and ~0.22 for the variance (true 4, Var(x^2) = 48); bounds ~4 sd.
     rbn = trained_rbn(steps=300)
     mean, var = rbn.stats()
-    torch.testing.assert_close(mean, torch.ones(4), atol=0.1, rtol=0)
-    torch.testing.assert_close(var, torch.full((4,), 4.0), atol=0.5, rtol=0)
+    torch.testing.assert_close(mean, torch.ones(4), atol=0.25, rtol=0)
+    torch.testing.assert_close(var, torch.full((4,), 4.0), atol=0.9, rtol=0)
 
 
 def test_running_batchnorm_first_batch_is_debiased():

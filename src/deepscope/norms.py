@@ -183,17 +183,18 @@ class RunningBatchNorm(nn.Module):
     separate factor. Statistics pool many batches, so batch size 2 or even 1 works, and evaluation
     computes exactly what training computes, with nothing to jump when the mode changes.
 
-    `momentum` is the weight of a batch of `ref_batch_size` samples; a batch of `bs` samples gets
-    `1 - (1 - momentum) ** (bs / ref_batch_size)`, so the memory in samples does not depend on batch size.
+    A batch of `bs` samples gets the weight `1 - (1 - momentum) / sqrt(bs - 1)` (lesson 10's rule): a big
+    batch's own statistics dominate, as in BatchNorm (0.94 at 256 with momentum 0.1), while tiny batches
+    are averaged over several steps (0.1 at batch size 2). The current batch's share keeps its gradient.
     For the first `warmup_batches` batches the variance is floored at `min_var`, because a few tiny batches
     can give an estimate near zero that would blow activations up.
     """
 
-    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5, ref_batch_size: int = 32,
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5,
                  warmup_batches: int = 20, min_var: float = 0.01) -> None:
         super().__init__()
         self.num_features, self.momentum, self.eps = num_features, momentum, eps
-        self.ref_batch_size, self.warmup_batches, self.min_var = ref_batch_size, warmup_batches, min_var
+        self.warmup_batches, self.min_var = warmup_batches, min_var
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("sums", torch.zeros(num_features))
@@ -206,7 +207,7 @@ class RunningBatchNorm(nn.Module):
         (no gradient), but this batch's share keeps its gradient, as in the lesson: the layer still
         learns, like BatchNorm, that shifting or scaling its input changes the statistics it divides by."""
         dims = _batch_dims(x)
-        w = 1 - (1 - self.momentum) ** (x.shape[0] / self.ref_batch_size)  # this batch's weight
+        w = 1 - (1 - self.momentum) / math.sqrt(max(x.shape[0] - 1, 1))  # this batch's weight
         sums = torch.lerp(self.sums, x.sum(dims), w)
         sqrs = torch.lerp(self.sqrs, (x * x).sum(dims), w)
         count = torch.lerp(self.count, self.count.new_tensor(x.numel() / x.shape[1]), w)
@@ -248,7 +249,7 @@ class RunningBatchNorm(nn.Module):
         return x * _per_channel(self.weight, x) + _per_channel(self.bias, x)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}, ref_batch_size={self.ref_batch_size}"
+        return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
 
 
 def group_count(num_channels: int, max_groups: int = 32) -> int:
