@@ -130,7 +130,8 @@ def test_top_level_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    assert "train" in text and "report" in text
+    for command in ["train", "report", "doctor", "lr-find", "ablate", "bench"]:
+        assert f"    {command} " in text
 
 
 @pytest.mark.parametrize("extra", [

@@ -8,8 +8,7 @@ import sys
 
 from ..errors import DeepscopeError
 
-# Module names under deepscope.cli, in the order `deepscope --help` lists them. A module that is not
-# there yet (a sub-command still being written) is skipped rather than breaking the whole CLI.
+# Module names under deepscope.cli, in the order `deepscope --help` lists them.
 SUBCOMMANDS = ("train", "report", "doctor", "lr_find", "ablate", "bench")
 
 
@@ -24,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"deepscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__name__}.{name}":
-                continue
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return parser
 
 
