@@ -8,6 +8,15 @@ torch.set_num_threads(int(os.environ.get("DEEPSCOPE_TEST_THREADS", "2")))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture
+def one_thread():
+    """For tiny models: one thread is fastest and does not spin against other jobs for the two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

@@ -9,12 +9,7 @@ from deepscope.diagnose import Diagnose, problems
 from test_diagnose_fixtures import healthy_mlp, make_batches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dls():

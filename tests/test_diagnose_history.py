@@ -127,12 +127,7 @@ def test_merge_keeps_one_finding_per_kind_and_module_the_more_severe():
 
 
 # --- the story, for real: a plain CNN at a huge learning rate -------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_dls(n_classes=10):

@@ -10,13 +10,7 @@ from deepscope.diagnose import NONFINITE_BATCH_FILE, diagnose, problems
 from test_diagnose_fixtures import BS, C, D, N, healthy_cnn, healthy_mlp, image_batches, make_batches, plain_mlp
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is fastest and does not fight other jobs for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def found(findings, kind):
