@@ -43,7 +43,8 @@ class DeviceCallback(Callback):
         if self.memory_format is not None:
             learn.model.to(memory_format=self.memory_format)
         learn.model.to(self.device)
-        learn.dls.to(self.device, self.memory_format) if hasattr(learn.dls, "to") else None
+        if hasattr(learn.dls, "to"):  # deepscope's DataLoaders move in-memory datasets once
+            learn.dls.to(self.device, self.memory_format)
 
     def before_batch(self, learn) -> None:
         if not isinstance(learn.dl, TensorBatches):

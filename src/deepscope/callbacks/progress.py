@@ -106,8 +106,7 @@ class ProgressCallback(Callback):
         recorder = learn.get_cb(Recorder)
         if recorder is None:
             return
-        losses = recorder.losses + [float(t) for t in recorder._pending]
-        fig = loss_figure(losses, self._valid_points)
+        fig = loss_figure(recorder.losses_so_far(), self._valid_points)
         if self._plot_handle is None:
             show = self.display or _ipython_display
             self._plot_handle = show(fig, display_id=True)

@@ -36,6 +36,10 @@ class Recorder(Callback):
     def cleanup_fit(self, learn) -> None:
         self._flush()
 
+    def losses_so_far(self) -> list[float]:
+        """Every loss recorded in this fit, including those still on the device (reads them back)."""
+        return self.losses + [float(t) for t in self._pending]
+
     def _flush(self) -> None:
         if self._pending:
             self.losses.extend(torch.stack(self._pending).float().cpu().tolist())
