@@ -91,7 +91,7 @@ def test_every_statistic_matches_a_direct_computation():
             assert s.grad_nonfinite[t, i] == 0
         for j, name in enumerate(s.param_modules):
             old, new, grad = direct.params[t][model[int(name)]]
-            np.testing.assert_allclose(s.weight_norm[t, j], norm(new), **close)
+            np.testing.assert_allclose(s.weight_norm[t, j], norm(old), **close)  # the weights this step ran with
             np.testing.assert_allclose(s.param_grad_norm[t, j], norm(grad), **close)
             np.testing.assert_allclose(s.update_ratio[t, j], norm([n - o for n, o in zip(new, old)]) / norm(old), **close)
     assert s.act_hist[:, :, -1].sum() > 0 and (s.act_dead[:, 1] > 0.2).all()  # the test exercises clamping and dead ReLUs
@@ -212,18 +212,38 @@ def test_every_n_steps_and_train_valid_options():
     assert np.isfinite(s.valid["valid_act_mean"]).all()
 
 
-def test_subsample_reduces_a_random_subset():
-    torch.manual_seed(0)
-    stats_cb = ActivationStats(subsample=20, modules=["0", "1"])
-    learner([stats_cb], n_train=3).fit(1)
-    s = stats_cb.stats()
-    assert s.modules == ["0", "1"]
-    assert (s.act_hist.sum(-1) == 20).all()  # each of the 8x16 outputs summarised from 20 values
-    torch.manual_seed(0)
-    exact = ActivationStats(modules=["0", "1"])
-    learner([exact], n_train=3).fit(1)  # same seed and data: subsampling must not change the training
-    np.testing.assert_allclose(s.grad_norm, exact.stats().grad_norm, rtol=1e-5)  # norms are never subsampled
-    assert not np.allclose(s.act_mean, exact.stats().act_mean)
+def wide_batches(n, bs=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(bs, 5, generator=g), torch.randint(0, 3, (bs,), generator=g)) for _ in range(n)]
+
+
+def test_sampled_statistics_leave_training_unchanged_and_estimate_the_whole():
+    """Outputs of 64x256 values, sampled 512 at a time: the losses are exactly those of a run without
+    statistics (the sampler has its own random state), and the estimates are close to exact statistics."""
+    def run(cbs):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 256), nn.ReLU(), nn.Linear(256, 3))
+        losses = []
+
+        class Losses(Callback):
+            def after_loss(self, learn):
+                losses.append(learn.loss.item())
+
+        Learner(model, DataLoaders(train=wide_batches(6), valid=None), lr=0.1, cbs=[*cbs, Losses()]).fit(1)
+        return losses
+
+    sampled, exact = ActivationStats(subsample=512), ActivationStats(subsample=None)
+    plain, with_sampled, with_exact = run([]), run([sampled]), run([exact])
+    assert with_sampled == plain and with_exact == plain
+    s, e = sampled.stats(), exact.stats()
+    assert (s.act_hist[:, :2].sum(-1) == 512).all()      # 16384 values per output, 512 summarised
+    assert (s.act_hist[:, 2].sum(-1) == 64 * 3).all()    # the logits are fewer: summarised whole
+    np.testing.assert_array_equal(s.act_mean[:, 2], e.act_mean[:, 2])
+    assert (np.abs(s.act_mean[:, :2] - e.act_mean[:, :2]) < 0.2 * e.act_std[:, :2]).all()  # ~4.5 standard errors
+    np.testing.assert_allclose(s.act_std[:, :2], e.act_std[:, :2], rtol=0.15)
+    np.testing.assert_allclose(s.act_dead[:, 1], e.act_dead[:, 1], atol=0.07)  # ~0.5 dead after the ReLU
+    np.testing.assert_allclose(s.grad_norm, e.grad_norm, rtol=0.2)  # sqrt(N/n) * norm of the sample
+    np.testing.assert_allclose(s.update_ratio, e.update_ratio, rtol=1e-6)  # parameters are never sampled
 
 
 def test_unknown_module_names_are_an_error():
@@ -298,3 +318,22 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
         load_stats(tmp_path / "partial.npz")
     with pytest.raises(DataError, match="no statistics"):
         load_stats(tmp_path / "empty")
+
+
+def test_a_cancelled_step_has_activations_but_no_gradient_or_parameter_statistics():
+    from deepscope.callback import CancelBatchException
+
+    class CancelAfterLoss(Callback):
+        order = 50
+
+        def after_loss(self, learn):
+            if learn.train_iter == 2:
+                raise CancelBatchException()
+
+    stats_cb = ActivationStats(flush_every=3)          # blocks of 3: the cancelled step is the last of one
+    learner([stats_cb, CancelAfterLoss()], n_train=6).fit(1)
+    s = stats_cb.stats()
+    assert s.steps.tolist() == [0, 1, 2, 3, 4, 5]
+    assert np.isfinite(s.act_mean).all()
+    assert np.isnan(s.grad_norm[2]).all() and np.isnan(s.update_ratio[2]).all()
+    assert np.isfinite(np.delete(s.grad_norm, 2, axis=0)).all() and np.isfinite(np.delete(s.update_ratio, 2, axis=0)).all()

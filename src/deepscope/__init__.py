@@ -9,6 +9,7 @@ from .callbacks import (
     CosineSchedule, DeviceCallback, EarlyStopping, GradClip, LimitBatches, MetricsCallback, MixedPrecision,
     OneCycle, ParamScheduler, ProgressCallback, Recorder, SaveBest, SingleBatch, default_callbacks,
 )
+from .cpu_memory import keep_freed_memory
 from .data import DataLoaders, TensorBatches, image_dls
 from .diagnose import Diagnose, Finding, diagnose
 from .hooks import Hook, Hooks, select_modules
@@ -24,5 +25,5 @@ __all__ = [
     "OneCycle", "ParamScheduler", "ProgressCallback", "Recorder", "SingleBatch", "default_callbacks",
     "DataLoaders", "TensorBatches", "image_dls", "Learner", "TrainStep", "cnn", "get_model", "resnet", "set_seed",
     "diagnose", "Diagnose", "Finding", "Hook", "Hooks", "select_modules", "LRFindResult", "lr_find",
-    "ActivationStats", "Stats", "load_stats", "CosineSchedule", "EarlyStopping", "GradClip", "MixedPrecision", "SaveBest",
+    "ActivationStats", "Stats", "load_stats", "keep_freed_memory", "CosineSchedule", "EarlyStopping", "GradClip", "MixedPrecision", "SaveBest",
 ]

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from ..cpu_memory import keep_freed_memory
 from ..errors import DeepscopeError
 
 # Module names under deepscope.cli, in the order `deepscope --help` lists them.
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # a deepscope process trains: stop the per-step page faults (cpu_memory.py)
     try:
         return int(args.func(args) or 0)
     except DeepscopeError as e:

@@ -22,12 +22,18 @@ from .collect import activation_stats, gather_values, gradient_stats
 from .format import Stats, save_stats
 from .params import ParamTracker
 from .rows import ACT_FIELDS, GRAD_FIELDS, PARAM_FIELDS, DeviceRows
+from .sample import SampleBlock
 from .store import HistoryStore
 
 # |a| <= DEAD_THRESHOLD counts as dead. Exactly 0 would only catch ReLU's zeros and miss units of leaky or
 # shifted activations (GeneralRelu, leaky ReLU with a small slope) that are stuck just as surely near 0;
 # 1e-3 is far below the typical activation scale (~1 after good init) yet above float rounding noise.
 DEAD_THRESHOLD = 1e-3
+
+# Values per module and step that the statistics are computed from by default (see `sample`): enough for
+# a dead fraction within ~0.8 points and a histogram with ~100 values per bin, cheap enough to record
+# every step at a few percent of a CPU training step. `subsample=None` summarises every value instead.
+SAMPLE_SIZE = 4096
 
 # How each saved field merges when old rows are downsampled (see store.MERGE_RULES).
 MERGE = {
@@ -45,9 +51,10 @@ class ActivationStats(Callback):
 
     `modules`: None for `select_modules(model)`'s default, a list of names / fnmatch patterns, or a
     `filter(name, module) -> bool`. Per recorded step: activation mean, std, min, max, dead fraction,
-    non-finite count and a histogram of |a| (`hist_bins` bins over `hist_range`), optionally on a random
-    `subsample` of each output; mean, std, L2 norm and non-finite count of each output's gradient (all
-    but the norm on the same subsample, if any); and for
+    non-finite count and a histogram of |a| (`hist_bins` bins over `hist_range`); mean, std and
+    non-finite count of each output's gradient; all of these from `subsample` values of each tensor
+    (the whole tensor when it is no larger; `None`: always the whole tensor, about 2x slower per CPU
+    step on the default CNN). The L2 norm of each output gradient is always over the whole gradient. For
     every module owning parameters: weight norm, gradient norm and update-to-weight ratio. History keeps
     the last `recent` rows exactly and merges older ones, at most `max_rows` in all. Hooks exist from
     `before_fit` to `cleanup_fit` (or `remove()`).
@@ -57,7 +64,7 @@ class ActivationStats(Callback):
 
     def __init__(self, modules: ModuleSpec = None, *, every: int = 1, train: bool = True, valid: bool = False,
                  dead_threshold: float = DEAD_THRESHOLD, hist_bins: int = 40, hist_range: tuple = (0.0, 10.0),
-                 subsample: int | None = None, recent: int = 1024, max_rows: int = 4096, flush_every: int = 64):
+                 subsample: int | None = SAMPLE_SIZE, recent: int = 1024, max_rows: int = 4096, flush_every: int = 64):
         for name, value in (("every", every), ("hist_bins", hist_bins), ("flush_every", flush_every)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ActivationStats: {name} must be a positive integer, got {value!r}")
@@ -76,6 +83,8 @@ class ActivationStats(Callback):
         self._rows: dict[str, DeviceRows] = {}
         self._stores: dict[str, HistoryStore] = {}
         self._row: int | None = None       # the row being filled in this batch, if it is recorded
+        self._pending = 0                  # recorded steps not yet summarised (see _summarise)
+        self._sample: SampleBlock | None = None
         self._split = "train"
 
     # --- set-up and tear-down ------------------------------------------------------------------------
@@ -96,18 +105,31 @@ class ActivationStats(Callback):
         chosen = self._select(learn.model)
         self.modules = [name for name, _ in chosen]
         self._index = {id(module): i for i, (_, module) in enumerate(chosen)}
-        self._tracker = ParamTracker(learn.model)
         param = next(learn.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        self._generator = torch.Generator(device=device).manual_seed(0) if self.subsample else None
-        M, P = len(self.modules), len(self._tracker.names)
+        M = len(self.modules)
+        # Recorded steps are summarised in blocks of up to 8 (fewer if samples would pass ~16 MB), all
+        # modules and steps of a block at once: a launch costs tens of microseconds on a CPU just after
+        # the big kernels of a training step, whatever its size.
+        self._block_steps = min(8, self.flush_every, max(1, (16 << 20) // (2 * M * (self.subsample or 1) * 4)))
+        self._pending, self._block_start = 0, ("train", 0)
+        self._tracker = ParamTracker(learn.model, steps=self._block_steps)
+        P = len(self._tracker.names)
+        # sample rows 0..M-1: the modules' outputs, M..2M-1: the gradients of those outputs
+        self._sample = None
+        if self.subsample:
+            self._sample = SampleBlock(2 * M, M, self.subsample, device, steps=self._block_steps,
+                                       dead_threshold=self.dead_threshold, hist_range=self.hist_range,
+                                       bins=self.hist_bins)
         self._rows, self._stores = {}, {}
         for split, fields in (("train", ACT_FIELDS + GRAD_FIELDS + PARAM_FIELDS), ("valid", ACT_FIELDS)):
             self._rows[split] = DeviceRows(self.flush_every, M, self.hist_bins, P, device)
             self._stores[split] = HistoryStore({k: MERGE[k] for k in fields}, std_of=STD_OF,
                                                recent=self.recent, max_rows=self.max_rows)
-        # Registered last: if anything above failed, no hook is left behind.
-        self._hooks = [Hooks(chosen, self._on_forward), Hooks(chosen, self._on_backward, kind="backward")]
+        # Registered last: if anything above failed, no hook is left behind. The gradient of each output
+        # is watched by a tensor hook that _on_forward registers when the step is recorded (hooks.py says
+        # why tensor hooks), so steps that are not recorded cost one Python call per module.
+        self._hooks = [Hooks(chosen, self._on_forward)]
 
     def remove(self) -> None:
         """Remove the hooks (idempotent); what was recorded stays available."""
@@ -125,8 +147,19 @@ class ActivationStats(Callback):
             record = self.train and learn.train_iter % self.every == 0
         else:
             record = self.valid and learn.iter % self.every == 0
-        self._split = "train" if learn.training else "valid"
-        self._row = self._rows[self._split].start_row(learn.train_iter) if record else None
+        split = "train" if learn.training else "valid"
+        if record and self._pending and (self._pending == self._block_steps or split != self._block_start[0]):
+            self._summarise()
+        self._split = split
+        if not record:
+            self._row = None
+            return
+        self._row = self._rows[split].start_row(learn.train_iter)
+        if not self._pending:
+            self._block_start = (split, self._row)
+        self._pending += 1
+        if self._sample is not None:
+            self._sample.open()
 
     def _on_forward(self, hook, module: nn.Module, inputs: tuple, output) -> None:
         if self._row is None:
@@ -135,31 +168,45 @@ class ActivationStats(Callback):
         if not tensors:
             return
         rows, r, i = self._rows[self._split], self._row, self._index[id(module)]
-        x = gather_values(tensors, self.subsample, self._generator)
-        rows.act_numel[r, i] = x.numel()
-        activation_stats(x, self.dead_threshold, self.hist_range, rows.act[r, i], rows.hist[r, i])
+        if self._sample is not None:   # summarised with the other modules and steps of its block
+            kept, _ = self._sample.put(i, tensors)
+            rows.numel[r, i], rows.padding[r, i] = kept, self.subsample - kept
+        else:
+            x = gather_values(tensors)
+            rows.numel[r, i] = x.numel()
+            activation_stats(x, self.dead_threshold, self.hist_range, rows.tensors[r, i], rows.hist[r, i])
+        if self._split == "train":
+            j = len(self.modules) + i
+            for t in tensors:
+                if t.requires_grad:    # the closure holds the row's index, never the tensor
+                    t.register_hook(lambda grad, j=j: self._on_gradient(j, grad))
 
-    def _on_backward(self, hook, module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
-        if self._row is None or self._split != "train":
+    def _on_gradient(self, j: int, grad: torch.Tensor) -> None:
+        """Row j of the watched tensors: the gradient of module j - M's output."""
+        if self._row is None:          # removed, or a graph from an earlier step run backward late
             return
-        rows, r, i = self._rows["train"], self._row, self._index[id(module)]
-        g = gather_values([grad_output[0]])
-        sample = g if self.subsample is None else gather_values([g], self.subsample, self._generator)
-        rows.grad_numel[r, i] = sample.numel()
-        gradient_stats(g, sample, rows.grad[r, i])
+        rows, r = self._rows["train"], self._row
+        if self._sample is not None:
+            kept, total = self._sample.put(j, [grad])
+            rows.numel[r, j], rows.norm_scale[r, j] = kept, (total / kept) ** 0.5
+            rows.padding[r, j] = self.subsample - kept
+            return
+        g = gather_values([grad])
+        rows.numel[r, j] = g.numel()
+        gradient_stats(g, rows.tensors[r, j])
 
     def after_backward(self, learn) -> None:
         if self._row is not None:
-            self._tracker.before_step(self._rows["train"].param[self._row])
+            self._tracker.before_step(self._pending - 1)
 
     def after_step(self, learn) -> None:
         if self._row is not None:
-            self._tracker.after_step(self._rows["train"].param[self._row])
+            self._tracker.after_step(self._pending - 1)
 
     def cleanup_batch(self, learn) -> None:
-        if self._row is None:
+        r, self._row = self._row, None
+        if r is None:
             return
-        self._row = None
         rows = self._rows[self._split]
         rows.finish_row()
         if rows.full:
@@ -168,8 +215,21 @@ class ActivationStats(Callback):
     def cleanup_epoch(self, learn) -> None:
         self._flush()
 
+    def _summarise(self) -> None:
+        """Reduce the pending block's samples and parameter norms, all modules at once, into its rows."""
+        if not self._pending:
+            return
+        (split, r), K = self._block_start, self._pending
+        rows = self._rows[split]
+        if self._sample is not None:
+            self._sample.summarise(rows.tensors[r:r + K], rows.hist[r:r + K])
+        if split == "train":
+            self._tracker.summarise(rows.param[r:r + K])
+        self._pending = 0
+
     def _flush(self) -> None:
         """Move the filled device rows into the host history (one read-back per split)."""
+        self._summarise()
         for split, rows in self._rows.items():
             if rows.n:
                 steps, fields = rows.read()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .collect import group_norms
-
 PARAM_COLUMNS = ("weight_norm", "grad_norm", "update_ratio")
 
 
@@ -25,38 +23,65 @@ def modules_with_params(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]
 
 
 class ParamTracker:
-    """Call `before_step(out)` between backward and the optimiser step, `after_step(out)` after it;
-    `out` is a (P, 3) tensor of PARAM_COLUMNS, one row per module in `names`."""
+    """Per-module weight norm, gradient norm and update ratio of up to `steps` steps, grouped at once.
 
-    def __init__(self, model: nn.Module):
+    For the k-th pending step, call `before_step(k)` between backward and the optimiser step and
+    `after_step(k)` after it; `summarise(out)` writes the pending steps into `out` (K', P, 3) of
+    PARAM_COLUMNS, one row per module in `names`. The weight norm is taken before the update, on the
+    weights that made this step's activations and gradients, and is the ratio's denominator.
+
+    Each step costs two fused `_foreach_norm`s (the kernel torch's clip_grad_norm_ uses), a copy and a
+    subtraction of the parameters, and one stack; grouping per-tensor norms into per-module norms is
+    one index_add for all pending steps."""
+
+    def __init__(self, model: nn.Module, steps: int = 1):
         owners = modules_with_params(model)
         self.names = [name for name, _ in owners]
         self.params = [p for _, own in owners for p in own]
         device = self.params[0].device if self.params else torch.device("cpu")
-        self._group = torch.tensor([i for i, (_, own) in enumerate(owners) for _ in own], device=device)
+        P, n = len(owners), len(self.params)
+        module_of = [i for i, (_, own) in enumerate(owners) for _ in own]
+        # per-tensor norms of the k-th step, in three lists (weights, grads, updates), go to slot
+        # k * 3P + list * P + module
+        self._slots = torch.tensor([k * 3 * P + j * P + i for k in range(steps) for j in range(3) for i in module_of],
+                                   device=device, dtype=torch.long)
+        self._norms = torch.full((steps, 3 * n), float("nan"), device=device)  # (K, 3n) per pending step
+        self._done = [False] * steps
         self._no_grad = torch.full((), float("nan"), device=device)  # stands in for a missing .grad
         self._snapshot: list[torch.Tensor] | None = None
-        self._norm_before: torch.Tensor | None = None
+        self._before: list[torch.Tensor] | None = None
 
     @torch.no_grad()
-    def before_step(self, out: torch.Tensor) -> None:
+    def before_step(self, k: int) -> None:
         if not self.params:
             return
-        P = len(self.names)
         grads = [p.grad if p.grad is not None else self._no_grad for p in self.params]
-        out[:, 1].copy_(group_norms(grads, self._group, P))
-        self._norm_before = group_norms(self.params, self._group, P)
+        self._before = list(torch._foreach_norm(self.params + grads))  # weights, then grads
         if self._snapshot is None:
             self._snapshot = [p.detach().clone() for p in self.params]
         else:
             torch._foreach_copy_(self._snapshot, self.params)
 
     @torch.no_grad()
-    def after_step(self, out: torch.Tensor) -> None:
-        if not self.params or self._norm_before is None:
+    def after_step(self, k: int) -> None:
+        if not self.params or self._before is None:
             return
-        P = len(self.names)
         torch._foreach_sub_(self._snapshot, self.params)  # snapshot now holds w_before - w_after
-        out[:, 0].copy_(group_norms(self.params, self._group, P))
-        out[:, 2].copy_(group_norms(self._snapshot, self._group, P) / self._norm_before)
-        self._norm_before = None
+        updates = list(torch._foreach_norm(self._snapshot))
+        self._norms[k].copy_(torch.stack(self._before + updates))
+        self._done[k], self._before = True, None
+
+    @torch.no_grad()
+    def summarise(self, out: torch.Tensor) -> None:
+        """Group the first K' = len(out) pending steps per module into `out` (K', P, 3); forget them."""
+        K, P = out.shape[0], len(self.names)
+        if P:
+            for k in range(K):
+                if not self._done[k]:                # no optimiser step was taken (a cancelled batch)
+                    self._norms[k].fill_(float("nan"))
+            squares = self._norms[:K].square().view(-1)  # (K * 3n,)
+            module_norms = torch.zeros(K * 3 * P, device=squares.device)
+            module_norms.index_add_(0, self._slots[:len(squares)], squares).sqrt_()
+            weight, grad, update = module_norms.view(K, 3, P).unbind(1)
+            out.copy_(torch.stack([weight, grad, update / weight], dim=-1))
+        self._done = [False] * len(self._done)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .collect import ACT_COLUMNS, GRAD_COLUMNS
+from .collect import TENSOR_COLUMNS
 from .params import PARAM_COLUMNS
 
 ACT_FIELDS = ("act_mean", "act_std", "act_min", "act_max", "act_dead", "act_nonfinite", "act_hist")
 GRAD_FIELDS = ("grad_mean", "grad_std", "grad_norm", "grad_nonfinite")
 PARAM_FIELDS = ("weight_norm", "param_grad_norm", "update_ratio")
+_SUM, _NORM, _MIN, _MAX, _DEAD, _NONFINITE = range(len(TENSOR_COLUMNS))
 
 
 def moments(total: np.ndarray, norm: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -30,26 +31,30 @@ def moments(total: np.ndarray, norm: np.ndarray, n: np.ndarray) -> tuple[np.ndar
 class DeviceRows:
     """`capacity` rows for M watched modules, B histogram bins and P parameter-owning modules.
 
-    Views into the one buffer: `act` (R, M, 5), `hist` (R, M, B+1: non-finite count, then the bins),
-    `grad` (R, M, 4), `param` (R, P, 3); the columns are collect.ACT_COLUMNS, GRAD_COLUMNS, PARAM_COLUMNS.
-    Element counts per module live on the host (`numel()` costs nothing there), to turn sums into means,
-    standard deviations and fractions when the block is read.
+    Views into the one buffer: `tensors` (R, 2M, 6): TENSOR_COLUMNS of each module's output (rows 0..M-1)
+    and of the gradient of that output (rows M..2M-1); `hist` (R, M, B+1: non-finite count, then the
+    bins); `param` (R, P, 3) of PARAM_COLUMNS. On the host, per row and watched tensor: `numel`, the
+    values summarised (0: the module did not run); `padding`, zeros that a sample's slot held beyond
+    them (they counted as dead and in the first bin, and are subtracted here); `norm_scale`, what turns
+    a sample's norm into an estimate of the whole tensor's (sample.py).
     """
 
     def __init__(self, capacity: int, n_modules: int, n_bins: int, n_params: int, device: torch.device):
         M, B, P = n_modules, n_bins, n_params
-        sizes = [M * len(ACT_COLUMNS), M * (B + 1), M * len(GRAD_COLUMNS), P * len(PARAM_COLUMNS)]
+        self.n_modules = M
+        sizes = [2 * M * len(TENSOR_COLUMNS), M * (B + 1), P * len(PARAM_COLUMNS)]
         self.buffer = torch.full((capacity, sum(sizes)), float("nan"), device=device)  # (R, W)
         self._ends = np.cumsum([0, *sizes])
-        self._shapes = [(M, len(ACT_COLUMNS)), (M, B + 1), (M, len(GRAD_COLUMNS)), (P, len(PARAM_COLUMNS))]
-        self.act, self.hist, self.grad, self.param = self._split(self.buffer)
-        self.act_numel = np.zeros((capacity, M))
-        self.grad_numel = np.zeros((capacity, M))
+        self._shapes = [(2 * M, len(TENSOR_COLUMNS)), (M, B + 1), (P, len(PARAM_COLUMNS))]
+        self.tensors, self.hist, self.param = self._split(self.buffer)
+        self.numel = np.zeros((capacity, 2 * M))
+        self.padding = np.zeros((capacity, 2 * M))
+        self.norm_scale = np.ones((capacity, 2 * M))
         self.steps = np.zeros(capacity, dtype=np.int64)
         self.n = 0
 
     def _split(self, rows):
-        """The four views (act, hist, grad, param) of a (R, W) tensor or array."""
+        """The three views (tensors, hist, param) of a (R, W) tensor or array."""
         e = self._ends
         return [rows[:, e[k]:e[k + 1]].reshape(len(rows), *shape) for k, shape in enumerate(self._shapes)]
 
@@ -58,10 +63,10 @@ class DeviceRows:
         return self.n == len(self.steps)
 
     def start_row(self, step: int) -> int:
-        """Clear the next row to NaN ("not measured") and return its index."""
+        """The index of the next row, which holds NaN ("not measured") until written."""
         r = self.n
-        self.buffer[r].fill_(float("nan"))
-        self.act_numel[r] = self.grad_numel[r] = 0
+        self.numel[r] = self.padding[r] = 0
+        self.norm_scale[r] = 1
         self.steps[r] = step
         return r
 
@@ -70,17 +75,27 @@ class DeviceRows:
 
     def read(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Copy the filled rows to the host, as `steps` and the saved fields, and empty the block."""
-        n = self.n
-        act, hist, grad, param = self._split(self.buffer[:n].cpu().numpy())  # the one sync per block
-        act_mean, act_std = moments(act[..., 0], act[..., 1], self.act_numel[:n])
-        grad_mean, grad_std = moments(grad[..., 0], grad[..., 1], self.grad_numel[:n])
+        n, M = self.n, self.n_modules
+        block = self.buffer[:n].cpu().numpy().astype(np.float64)  # the one sync per block
+        self.buffer[:n].fill_(float("nan"))          # after the copy, so the rows start empty again
+        tensors, hist, param = self._split(block)
+        count, padding = self.numel[:n], self.padding[:n]
+        tensors = np.where((count == 0)[..., None], np.nan, tensors)  # a module that did not run: no statistics
+        mean, std = moments(tensors[..., _SUM], tensors[..., _NORM], count)
+        hist[..., 1] -= padding[:, :M]               # a slot's zeros beyond the values: first bin, dead
+        hist = np.where((count[:, :M] == 0)[..., None], np.nan, hist)
         with np.errstate(invalid="ignore", divide="ignore"):
-            fields = {
-                "act_mean": act_mean, "act_std": act_std, "act_min": act[..., 2], "act_max": act[..., 3],
-                "act_dead": act[..., 4] / self.act_numel[:n], "act_nonfinite": hist[..., 0], "act_hist": hist[..., 1:],
-                "grad_mean": grad_mean, "grad_std": grad_std, "grad_norm": grad[..., 2], "grad_nonfinite": grad[..., 3],
-                "weight_norm": param[..., 0], "param_grad_norm": param[..., 1], "update_ratio": param[..., 2],
-            }
+            dead = (tensors[..., _DEAD] - padding) / count
+        act, grad = slice(0, M), slice(M, 2 * M)
+        fields = {
+            "act_mean": mean[:, act], "act_std": std[:, act], "act_min": tensors[:, act, _MIN],
+            "act_max": tensors[:, act, _MAX], "act_dead": dead[:, act],
+            "act_nonfinite": tensors[:, act, _NONFINITE], "act_hist": hist[..., 1:],
+            "grad_mean": mean[:, grad], "grad_std": std[:, grad],
+            "grad_norm": tensors[:, grad, _NORM] * self.norm_scale[:n, grad],
+            "grad_nonfinite": tensors[:, grad, _NONFINITE],
+            "weight_norm": param[..., 0], "param_grad_norm": param[..., 1], "update_ratio": param[..., 2],
+        }
         fields = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in fields.items()}
         steps = self.steps[:n].copy()
         self.n = 0
