@@ -8,15 +8,17 @@ from deepscope.cpu_memory import keep_freed_memory
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is Linux's")
 def test_freed_tensor_memory_is_reused_without_page_faults():
+    """A training loop allocates and frees the same big tensors every step. With glibc's defaults a 64 MiB
+    tensor is mmapped and unmapped each time, 16,384 page faults per step; kept, it costs none once the
+    heap has settled (the first rounds may still grow it: aligned blocks rarely fit a hole of their size)."""
     resource = pytest.importorskip("resource")
     assert keep_freed_memory() is True
 
-    def faults_of(make):
+    def step_faults():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        make()
+        x = torch.ones(16 << 20)                      # 64 MiB
+        del x
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    x = torch.ones(16 << 20)                          # 64 MiB: glibc would mmap it and unmap it on free
-    del x
-    pages = (64 << 20) // 4096
-    assert faults_of(lambda: torch.ones(16 << 20)) < pages // 10  # the same memory, still mapped
+    faults = [step_faults() for _ in range(6)]
+    assert max(faults[-3:]) < (64 << 20) // 4096 // 10, faults

@@ -35,7 +35,8 @@ class TrainConfig:
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
     limit_batches: int | None = None  # stop each pass after this many batches (smoke runs)
     stats: bool = True  # collect per-layer statistics (activations, gradients, updates)
-    stats_every: int = 5  # record them every N training steps (every step costs ~2.3x per step on a 2-core CPU)
+    stats_every: int = 1  # record them every N training steps
+    stats_sample: int = 4096  # values of each tensor summarised per step; 0: all of them (exact, ~2x slower per CPU step)
     tensorboard: bool = False  # also write TensorBoard event files
     out: str | None = None  # run folder; None makes runs/train-YYYYmmdd-HHMMSS
 
@@ -56,6 +57,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive, got {value}")
+        if self.stats_sample < 0:
+            raise ConfigError(f"stats sample must be a number of values, or 0 for all of them, got {self.stats_sample}")
         from .norms import NORM_KINDS
 
         choices = {"schedule": ("one_cycle", "cosine", "constant"), "init": ("default", "kaiming", "lsuv"),

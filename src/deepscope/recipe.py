@@ -75,7 +75,7 @@ def schedule_callbacks(config: TrainConfig) -> list:
 def looking_inside_callbacks(config: TrainConfig, run_dir: Path | None) -> list:
     """Statistics (unless --no-stats), diagnosis, and TensorBoard (when asked) for a training run."""
     cbs: list = [Diagnose(save_dir=run_dir)]
-    stats = ActivationStats(every=config.stats_every) if config.stats else None
+    stats = ActivationStats(every=config.stats_every, subsample=config.stats_sample or None) if config.stats else None
     if stats is not None:
         cbs.append(stats)
     if config.tensorboard and run_dir is not None:

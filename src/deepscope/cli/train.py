@@ -8,14 +8,23 @@ from ..config import TrainConfig
 DEFAULTS = TrainConfig()
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    if value < minimum:
+        kind = "a positive" if minimum == 1 else "0 or a positive"
+        raise argparse.ArgumentTypeError(f"must be {kind} whole number, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def positive_float(text: str) -> float:
@@ -69,8 +78,10 @@ def add_config_arguments(p: argparse.ArgumentParser, run_prefix: str = "train") 
                      help="stop each training and validation pass after N batches (smoke runs)")
     run.add_argument("--no-stats", dest="stats", action="store_false", help="do not collect per-layer statistics")
     run.add_argument("--stats-every", type=positive_int, default=d.stats_every, metavar="N",
-                     help="record per-layer statistics every N training steps (default: %(default)s; 1 = every "
-                          "step, which costs about 2.3x per step on a 2-core CPU)")
+                     help="record per-layer statistics every N training steps (default: %(default)s)")
+    run.add_argument("--stats-sample", type=non_negative_int, default=d.stats_sample, metavar="N",
+                     help="summarise N values of each output and gradient per step (default: %(default)s, about "
+                          "1.1x the step time on a 2-core CPU); 0 summarises all of them, exactly, at about 2x")
     run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files into the run folder")
     run.add_argument("--out", default=d.out, metavar="DIR", help=f"run folder to write (default: runs/{run_prefix}-<date>-<time>)")
     run.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a run")

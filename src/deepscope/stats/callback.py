@@ -177,13 +177,16 @@ class ActivationStats(Callback):
             activation_stats(x, self.dead_threshold, self.hist_range, rows.tensors[r, i], rows.hist[r, i])
         if self._split == "train":
             j = len(self.modules) + i
-            for t in tensors:
-                if t.requires_grad:    # the closure holds the row's index, never the tensor
+            for t in tensors:          # the closures hold the row's index, never the tensor
+                if t.grad_fn is not None:
+                    # the pre-hook of the node that made t is what t.register_hook installs, for half the cost
+                    t.grad_fn.register_prehook(lambda grads, j=j, k=t.output_nr: self._on_gradient(j, grads[k]))
+                elif t.requires_grad:
                     t.register_hook(lambda grad, j=j: self._on_gradient(j, grad))
 
     def _on_gradient(self, j: int, grad: torch.Tensor) -> None:
         """Row j of the watched tensors: the gradient of module j - M's output."""
-        if self._row is None:          # removed, or a graph from an earlier step run backward late
+        if self._row is None or grad is None:  # removed, a graph of an earlier step, or an unused output
             return
         rows, r = self._rows["train"], self._row
         if self._sample is not None:

@@ -30,9 +30,9 @@ class ParamTracker:
     PARAM_COLUMNS, one row per module in `names`. The weight norm is taken before the update, on the
     weights that made this step's activations and gradients, and is the ratio's denominator.
 
-    Each step costs two fused `_foreach_norm`s (the kernel torch's clip_grad_norm_ uses), a copy and a
-    subtraction of the parameters, and one stack; grouping per-tensor norms into per-module norms is
-    one index_add for all pending steps."""
+    Each step costs a copy of the parameters, a subtraction, one fused `_foreach_norm` (the kernel
+    torch's clip_grad_norm_ uses) and one stack; grouping per-tensor norms into per-module norms is one
+    index_add for all pending steps."""
 
     def __init__(self, model: nn.Module, steps: int = 1):
         owners = modules_with_params(model)
@@ -49,27 +49,28 @@ class ParamTracker:
         self._done = [False] * steps
         self._no_grad = torch.full((), float("nan"), device=device)  # stands in for a missing .grad
         self._snapshot: list[torch.Tensor] | None = None
-        self._before: list[torch.Tensor] | None = None
+        self._copied = False                      # the snapshot holds this step's weights
 
     @torch.no_grad()
     def before_step(self, k: int) -> None:
         if not self.params:
             return
-        grads = [p.grad if p.grad is not None else self._no_grad for p in self.params]
-        self._before = list(torch._foreach_norm(self.params + grads))  # weights, then grads
         if self._snapshot is None:
             self._snapshot = [p.detach().clone() for p in self.params]
         else:
             torch._foreach_copy_(self._snapshot, self.params)
+        self._copied = True
 
     @torch.no_grad()
     def after_step(self, k: int) -> None:
-        if not self.params or self._before is None:
+        if not self.params or not self._copied:
             return
-        torch._foreach_sub_(self._snapshot, self.params)  # snapshot now holds w_before - w_after
-        updates = list(torch._foreach_norm(self._snapshot))
-        self._norms[k].copy_(torch.stack(self._before + updates))
-        self._done[k], self._before = True, None
+        # the gradients are still there (the learner zeroes them after this event), so one fused norm
+        # covers the weights before the update, the gradients and the updates
+        grads = [p.grad if p.grad is not None else self._no_grad for p in self.params]
+        updates = list(torch._foreach_sub(self._snapshot, self.params))  # w_before - w_after
+        self._norms[k].copy_(torch.stack(torch._foreach_norm(self._snapshot + grads + updates)))
+        self._done[k], self._copied = True, False
 
     @torch.no_grad()
     def summarise(self, out: torch.Tensor) -> None:

@@ -90,6 +90,7 @@ class SampleBlock:
         self._hist_zeros = torch.zeros(H * K * (bins + 1), device=device)
         self._hist_ones = torch.ones(H * K * S, device=device)
         self._host_rng = random.Random(seed)
+        self._lattices: dict[int, tuple[int, int] | None] = {}  # by tensor size: (prime step, start positions)
         self._generator = torch.Generator(device=device).manual_seed(seed)
 
     @property
@@ -119,16 +120,19 @@ class SampleBlock:
                 torch.aminmax(x, out=(self._extremes[0, k, i], self._extremes[1, k, i]))
                 self._whole.append((k, i))
             return n, n
-        if n >= 2 * size and self._runs is not None:
+        lattice = self._lattices.get(n)
+        if lattice is None and n >= 2 * size and self._runs is not None:
             runs = size // RUN
             step = largest_prime_at_most(n // runs)   # >= RUN, so runs never overlap
-            start = self._host_rng.randrange(n - (runs - 1) * step - RUN + 1)
-            self._runs[k][i].copy_(base.as_strided((runs, RUN), (step, 1), offset + start))
-            self._filled[k][i] = size
+            lattice = self._lattices[n] = (step, n - (runs - 1) * step - RUN + 1)  # (step, start positions)
+        if lattice is not None:
+            step, starts = lattice
+            start = int(self._host_rng.random() * starts)
+            self._runs[k][i].copy_(base.as_strided((size // RUN, RUN), (step, 1), offset + start))
         else:
             positions = torch.randint(n, (size,), device=base.device, generator=self._generator)  # (S,)
             self._slots[k][i].copy_(base.as_strided((n,), (1,), offset)[positions])
-            self._filled[k][i] = size
+        self._filled[k][i] = size
         return size, n
 
     def summarise(self, out: torch.Tensor, hist_out: torch.Tensor) -> None:
