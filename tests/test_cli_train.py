@@ -167,3 +167,4 @@ def test_statistics_findings_and_tensorboard_by_default(tiny_data, tmp_path):
     assert any((run / "tensorboard").iterdir())
     html = (run / "report.html").read_text()
     assert "block0.conv" in html and "Findings" in html
+    assert "from 4096 values of every output and gradient" in html  # the report says the statistics are sampled

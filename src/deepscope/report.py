@@ -142,7 +142,9 @@ def build_context(run: dict) -> dict:
     stats, lr_find = run["stats"], run["lr_find"]
     layers = None
     if stats is not None and len(stats.modules) and len(stats.steps):
+        sample = run["config"].get("config", {}).get("stats_sample")  # absent in runs of older versions
         layers = {"table": layer_table(stats), "figures": _layer_figures(stats), "n_steps": len(stats.steps),
+                  "sample": sample,
                   "status": [(m, figure_to_data_uri(status_screen(stats, m), DPI)) for m in status_modules(list(stats.modules))]}
     if lr_find and lr_find.get("lrs"):
         lr_find = {"suggestions": lr_find.get("suggestions") or {}, "message": lr_find.get("message") or "",
