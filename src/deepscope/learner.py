@@ -51,8 +51,8 @@ class Learner:
     """Train `model` on `dls` with `loss_func`, calling callbacks at every event.
 
     State that callbacks read and may change (this list is the contract):
-      model, dls (with .train / .valid iterables of (x, y) batches), loss_func, opt_func, opt, lr,
-      train_step (a TrainStep), cbs, n_epochs, epoch (0-based), training (True in the train pass),
+      model, dls (with .train / .valid iterables of (x, y) batches), loss_func, opt_func, opt, lr (the
+      optimizer's, or base_lr while there is none), base_lr (what a new optimizer starts with), train_step (a TrainStep), cbs, n_epochs, epoch (0-based), training (True in the train pass),
       dl (the iterable being consumed), n_iter (batches in this pass, when known), iter (batch index in
       this pass), train_iter (training batches seen during this fit), batch (the (x, y) pair; xb and yb
       are its parts), preds, loss.
@@ -63,7 +63,7 @@ class Learner:
                  train_step: TrainStep | None = None):
         self.model, self.dls, self.loss_func = model, dls, loss_func
         self.opt_func, self.opt = opt_func, None
-        self._lr = lr
+        self.base_lr = lr
         self.train_step = train_step or TrainStep()
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[Callable]] | None = None
@@ -120,17 +120,17 @@ class Learner:
 
     @property
     def lr(self) -> float:
-        return self.opt.param_groups[0]["lr"] if self.opt is not None else self._lr
+        return self.opt.param_groups[0]["lr"] if self.opt is not None else self.base_lr
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr = value
+        self.base_lr = value
         if self.opt is not None:
             for group in self.opt.param_groups:
                 group["lr"] = value
 
     def create_opt(self) -> torch.optim.Optimizer:
-        self.opt = self.opt_func(self.model.parameters(), lr=self._lr)
+        self.opt = self.opt_func(self.model.parameters(), lr=self.base_lr)
         return self.opt
 
     # --- the loop --------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ class Learner:
         self.add_cbs(cbs)
         try:
             if lr is not None:
-                self._lr = lr
+                self.base_lr = lr
             if self.opt is None:
                 self.create_opt()
             elif lr is not None:

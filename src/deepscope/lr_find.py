@@ -237,7 +237,7 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
     model_state = copy.deepcopy(learn.model.state_dict())
     opt = learn.opt
     opt_state = copy.deepcopy(opt.state_dict()) if opt is not None else None
-    lr, rng = learn._lr, _rng_states(learn)
+    base_lr, rng = learn.base_lr, _rng_states(learn)
     cbs = list(learn.cbs)
     n_batches = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
     try:
@@ -247,7 +247,7 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
         learn.model.load_state_dict(model_state)
         if opt is not None:
             opt.load_state_dict(opt_state)
-        learn.opt, learn._lr = opt, lr  # a fit that created the optimizer leaves none, as before
+        learn.opt, learn.base_lr = opt, base_lr  # a fit that created the optimizer leaves none, as before
         _restore_rng(rng)
         learn.remove_cbs(list(learn.cbs))
         learn.add_cbs(cbs)  # the same callbacks in the same places

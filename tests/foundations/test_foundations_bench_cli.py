@@ -27,12 +27,23 @@ def test_bench_conv_prints_loops_only_on_the_small_case(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["bench", "matmul", "--repeats", "0"], "--repeats must be a positive integer"),
-    (["bench", "matmul", "--threads", "-1"], "--threads must be a positive integer"),
-    (["bench", "conv", "--threads", "0"], "--threads must be a positive integer"),
-    (["bench", "matmul", "--sizes", "5x784"], "--sizes entries look like"),
+    (["bench", "matmul", "--repeats", "0"], "argument --repeats: must be a positive whole number, got 0"),
+    (["bench", "matmul", "--threads", "-1"], "argument --threads: must be a positive whole number, got -1"),
+    (["bench", "conv", "--threads", "two"], "argument --threads: expected a whole number, got 'two'"),
+    (["bench", "conv", "--budget", "0"], "argument --budget: must be positive, got 0.0"),
 ])
-def test_bad_options_are_config_errors(capsys, argv, message):
+def test_bad_numbers_stop_argparse_with_the_rule(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "matmul", "--sizes", "5x784"], "--sizes entries look like"),
+    (["bench", "matmul", "--sizes", "5x0x10"], "--sizes entries must be positive"),
+    (["bench", "conv", "--kernel", "0"], "--small, --large and --kernel must all be positive"),
+])
+def test_bad_shapes_are_config_errors(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 

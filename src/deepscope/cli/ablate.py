@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .train import positive_float, positive_int
+from .options import positive_float, positive_int
 
 
 def _list(kind):

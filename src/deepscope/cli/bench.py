@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from ..errors import ConfigError
+from .options import positive_float, positive_int
 
 MATMUL_SIZES = ["5x784x10", "50x784x10"]
 
@@ -41,22 +42,13 @@ def add_parser(subparsers) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed calls per candidate, after one warm-up; default: %(default)s")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch intra-op threads while timing; default: %(default)s")
-    parser.add_argument("--budget", type=float, default=3.0, metavar="SECONDS",
+    parser.add_argument("--budget", type=positive_float, default=3.0, metavar="SECONDS",
                         help="stop repeating a candidate once its timed calls took this long "
                         "(it keeps at least one); default: %(default)s")
-
-
-def _check_common(args: argparse.Namespace) -> None:
-    if args.repeats <= 0:
-        raise ConfigError(f"--repeats must be a positive integer, got {args.repeats}")
-    if args.threads <= 0:
-        raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
-    if args.budget <= 0:
-        raise ConfigError(f"--budget must be a positive number of seconds, got {args.budget}")
 
 
 def _parse_size(text: str) -> tuple[int, int, int]:
@@ -77,7 +69,6 @@ def _header(args: argparse.Namespace) -> str:
 def run_matmul(args: argparse.Namespace) -> int:
     from ..foundations.bench import bench_matmul, format_table
 
-    _check_common(args)
     sizes = [_parse_size(s) for s in args.sizes]
     rows = bench_matmul(sizes, repeats=args.repeats, threads=args.threads, budget_s=args.budget)
     print(_header(args))
@@ -88,7 +79,6 @@ def run_matmul(args: argparse.Namespace) -> int:
 def run_conv(args: argparse.Namespace) -> int:
     from ..foundations.bench import bench_conv, format_table
 
-    _check_common(args)
     if min(args.small + args.large) <= 0 or args.kernel <= 0:
         raise ConfigError("--small, --large and --kernel must all be positive")
     for shape in (args.small, args.large):

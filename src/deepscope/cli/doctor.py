@@ -10,7 +10,8 @@ import argparse
 import itertools
 from pathlib import Path
 
-from .train import add_config_arguments, config_from_args, positive_int
+from .options import positive_int
+from .train import add_config_arguments, config_from_args
 
 
 class FirstBatches:

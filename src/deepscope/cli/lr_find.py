@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .train import add_config_arguments, config_from_args, positive_float, positive_int
+from .options import positive_float, positive_int
+from .train import add_config_arguments, config_from_args
 
 
 def add_parser(subparsers) -> None:

@@ -1,0 +1,34 @@
+"""Argument types shared by the sub-commands: a bad value stops argparse with a message naming the option
+and the rule, before anything runs."""
+from __future__ import annotations
+
+import argparse
+
+
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        kind = "a positive" if minimum == 1 else "0 or a positive"
+        raise argparse.ArgumentTypeError(f"must be {kind} whole number, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
