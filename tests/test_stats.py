@@ -64,8 +64,9 @@ def norm(ts):
     return torch.sqrt(sum((t.double() ** 2).sum() for t in ts)).item()
 
 
-def test_every_statistic_matches_a_direct_computation():
-    stats_cb, direct = ActivationStats(flush_every=4), Direct()
+@pytest.mark.parametrize("subsample", [4096, None])  # tensors copied whole into the sample block; exact reductions
+def test_every_statistic_matches_a_direct_computation(subsample):
+    stats_cb, direct = ActivationStats(flush_every=4, subsample=subsample), Direct()
     learn = learner([stats_cb, direct], opt_func=torch.optim.AdamW)
     learn.fit(1)
     s = stats_cb.stats()
@@ -141,9 +142,10 @@ class SyncGuard:
         return wrapper
 
 
-def test_no_host_sync_inside_the_step(monkeypatch):
+@pytest.mark.parametrize("subsample", [4096, 16, None])  # whole copies, lattice samples, exact reductions
+def test_no_host_sync_inside_the_step(monkeypatch, subsample):
     guard = SyncGuard(monkeypatch, "deepscope/stats/")
-    stats_cb = ActivationStats(valid=True, flush_every=4)
+    stats_cb = ActivationStats(valid=True, flush_every=4, subsample=subsample)
     learn = learner([stats_cb], n_train=9)
     learn.fit(2)
     assert guard.calls == []
