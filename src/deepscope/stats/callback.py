@@ -54,7 +54,8 @@ class ActivationStats(Callback):
     non-finite count and a histogram of |a| (`hist_bins` bins over `hist_range`); mean, std and
     non-finite count of each output's gradient; all of these from `subsample` values of each tensor
     (the whole tensor when it is no larger; `None`: always the whole tensor, about 2x slower per CPU
-    step on the default CNN). The L2 norm of each output gradient is always over the whole gradient. For
+    step on the default CNN). The L2 norm of each output gradient is estimated from the sample as
+    sqrt(values in the gradient / values summarised) times the sample's norm (exact when whole). For
     every module owning parameters: weight norm, gradient norm and update-to-weight ratio. History keeps
     the last `recent` rows exactly and merges older ones, at most `max_rows` in all. Hooks exist from
     `before_fit` to `cleanup_fit` (or `remove()`).
@@ -123,7 +124,7 @@ class ActivationStats(Callback):
                                        bins=self.hist_bins)
         self._rows, self._stores = {}, {}
         for split, fields in (("train", ACT_FIELDS + GRAD_FIELDS + PARAM_FIELDS), ("valid", ACT_FIELDS)):
-            self._rows[split] = DeviceRows(self.flush_every, M, self.hist_bins, P, device)
+            self._rows[split] = DeviceRows(self.flush_every, M, self.hist_bins, P, device, sample_size=self.subsample)
             self._stores[split] = HistoryStore({k: MERGE[k] for k in fields}, std_of=STD_OF,
                                                recent=self.recent, max_rows=self.max_rows)
         # Registered last: if anything above failed, no hook is left behind. The gradient of each output
@@ -169,8 +170,7 @@ class ActivationStats(Callback):
             return
         rows, r, i = self._rows[self._split], self._row, self._index[id(module)]
         if self._sample is not None:   # summarised with the other modules and steps of its block
-            kept, _ = self._sample.put(i, tensors)
-            rows.numel[r, i], rows.padding[r, i] = kept, self.subsample - kept
+            rows.numel[r, i], _ = self._sample.put(i, tensors)
         else:
             x = gather_values(tensors)
             rows.numel[r, i] = x.numel()
@@ -192,7 +192,6 @@ class ActivationStats(Callback):
         if self._sample is not None:
             kept, total = self._sample.put(j, [grad])
             rows.numel[r, j], rows.norm_scale[r, j] = kept, (total / kept) ** 0.5
-            rows.padding[r, j] = self.subsample - kept
             return
         g = gather_values([grad])
         rows.numel[r, j] = g.numel()
@@ -200,7 +199,7 @@ class ActivationStats(Callback):
 
     def after_backward(self, learn) -> None:
         if self._row is not None:
-            self._tracker.before_step(self._pending - 1)
+            self._tracker.before_step()
 
     def after_step(self, learn) -> None:
         if self._row is not None:

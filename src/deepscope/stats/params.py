@@ -25,7 +25,7 @@ def modules_with_params(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]
 class ParamTracker:
     """Per-module weight norm, gradient norm and update ratio of up to `steps` steps, grouped at once.
 
-    For the k-th pending step, call `before_step(k)` between backward and the optimiser step and
+    For the k-th pending step, call `before_step()` between backward and the optimiser step and
     `after_step(k)` after it; `summarise(out)` writes the pending steps into `out` (K', P, 3) of
     PARAM_COLUMNS, one row per module in `names`. The weight norm is taken before the update, on the
     weights that made this step's activations and gradients, and is the ratio's denominator.
@@ -52,7 +52,7 @@ class ParamTracker:
         self._copied = False                      # the snapshot holds this step's weights
 
     @torch.no_grad()
-    def before_step(self, k: int) -> None:
+    def before_step(self) -> None:
         if not self.params:
             return
         if self._snapshot is None:

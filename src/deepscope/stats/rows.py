@@ -34,21 +34,22 @@ class DeviceRows:
     Views into the one buffer: `tensors` (R, 2M, 6): TENSOR_COLUMNS of each module's output (rows 0..M-1)
     and of the gradient of that output (rows M..2M-1); `hist` (R, M, B+1: non-finite count, then the
     bins); `param` (R, P, 3) of PARAM_COLUMNS. On the host, per row and watched tensor: `numel`, the
-    values summarised (0: the module did not run); `padding`, zeros that a sample's slot held beyond
-    them (they counted as dead and in the first bin, and are subtracted here); `norm_scale`, what turns
-    a sample's norm into an estimate of the whole tensor's (sample.py).
+    values summarised (0: the module did not run), and `norm_scale`, what turns a sample's norm into an
+    estimate of the whole tensor's. With a `sample_size` (sample.py), a tensor summarised from fewer
+    values had zeros in the rest of its slot: they counted as dead and in the first bin, and `read`
+    subtracts them.
     """
 
-    def __init__(self, capacity: int, n_modules: int, n_bins: int, n_params: int, device: torch.device):
+    def __init__(self, capacity: int, n_modules: int, n_bins: int, n_params: int, device: torch.device, *,
+                 sample_size: int | None = None):
         M, B, P = n_modules, n_bins, n_params
-        self.n_modules = M
+        self.n_modules, self.sample_size = M, sample_size
         sizes = [2 * M * len(TENSOR_COLUMNS), M * (B + 1), P * len(PARAM_COLUMNS)]
         self.buffer = torch.full((capacity, sum(sizes)), float("nan"), device=device)  # (R, W)
         self._ends = np.cumsum([0, *sizes])
         self._shapes = [(2 * M, len(TENSOR_COLUMNS)), (M, B + 1), (P, len(PARAM_COLUMNS))]
         self.tensors, self.hist, self.param = self._split(self.buffer)
         self.numel = np.zeros((capacity, 2 * M))
-        self.padding = np.zeros((capacity, 2 * M))
         self.norm_scale = np.ones((capacity, 2 * M))
         self.steps = np.zeros(capacity, dtype=np.int64)
         self.n = 0
@@ -65,7 +66,7 @@ class DeviceRows:
     def start_row(self, step: int) -> int:
         """The index of the next row, which holds NaN ("not measured") until written."""
         r = self.n
-        self.numel[r] = self.padding[r] = 0
+        self.numel[r] = 0
         self.norm_scale[r] = 1
         self.steps[r] = step
         return r
@@ -79,7 +80,8 @@ class DeviceRows:
         block = self.buffer[:n].cpu().numpy().astype(np.float64)  # the one sync per block
         self.buffer[:n].fill_(float("nan"))          # after the copy, so the rows start empty again
         tensors, hist, param = self._split(block)
-        count, padding = self.numel[:n], self.padding[:n]
+        count = self.numel[:n]
+        padding = np.where(count > 0, self.sample_size - count, 0) if self.sample_size else np.zeros_like(count)
         tensors = np.where((count == 0)[..., None], np.nan, tensors)  # a module that did not run: no statistics
         mean, std = moments(tensors[..., _SUM], tensors[..., _NORM], count)
         hist[..., 1] -= padding[:, :M]               # a slot's zeros beyond the values: first bin, dead

@@ -1,19 +1,19 @@
 """A fixed-size sample of each watched module's values per step, summarised for all modules at once.
 
-Why sample: exact statistics of every value cost more than a training step can spare on a CPU. One pass
-over all the default CNN's outputs and output gradients already takes about 1.5 ms of its ~21 ms step,
-and exact mean, std, extremes, dead count, histogram and norm need several such passes, each a launch
-per module (benchmarks/stats_overhead.py). Here each hook copies at most `size` values into one (M, size)
-buffer with a single strided copy, and a dozen launches per step then summarise every module together.
+Why sample: exact statistics of every value cost more than a training step can spare on a CPU: the
+exact mean, std, extremes, dead count, histogram and norm need several passes over each tensor, each a
+launch per module, about 2x the default CNN's step (benchmarks/stats_overhead.py). Here each hook copies
+at most `size` values into one (tensors, steps, size) buffer with a single strided copy, and a dozen
+launches per block of steps then summarise every module together.
 
 A tensor with at most `size` values is copied whole, so its statistics are exact. A larger one is
-sampled systematically: every k-th value in memory order from a random start, k being the largest prime
-with `size` steps of k inside the tensor. A prime step cannot lock onto a channel or row period (that
-would need the period to be a multiple of k), and the random start, drawn on the host from a generator
-of its own, moves the lattice every step without a device op and without touching torch's global random
-state, so training is the same with or without statistics. Below two values per slot, where a prime
-step cannot spread the sample, positions are drawn at random instead. With 4096 values, a fraction such
-as the dead fraction is within about 0.8 percentage points (one standard error).
+sampled systematically: runs of RUN neighbours in memory order, k values apart, from a random start, k
+being the largest prime that fits `size` values into the tensor. A prime step cannot lock onto a channel
+or row period (that would need the period to be a multiple of k), and the random start, drawn on the
+host from a generator of its own, moves the lattice every step without a device op and without touching
+torch's global random state, so training is the same with or without statistics. Below two values per
+slot, where the runs cannot spread, positions are drawn at random instead. With 4096 values, a fraction
+such as the dead fraction is within about a point.
 
 Unused slots of a module's row (when it has fewer than `size` values) are read as zeros: they add
 nothing to sums and norms, and the host subtracts them from the dead count and the first histogram bin
@@ -25,6 +25,8 @@ import random
 from functools import lru_cache
 
 import torch
+
+from .collect import flat, gather_values
 
 # Values are copied in runs of RUN neighbours (32 bytes in float32): reading 4096 values one by one from
 # a tensor bigger than the L2 cache costs 4096 cache-line fetches (~19 us on this 2-core CPU), in runs of
@@ -43,12 +45,12 @@ def largest_prime_at_most(n: int) -> int:
 
 
 def memory_order(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """`(base, offset)` such that base.as_strided((n,), (1,), offset) lists t's values in memory order:
-    `t` itself for contiguous and channels_last layouts (whose order does not matter to a statistic),
-    a flattened copy for other layouts."""
-    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
-        return t, t.storage_offset()
-    return t.reshape(-1), 0
+    """`(base, offset)` such that base.as_strided((n,), (1,), offset) lists t's values in memory order
+    (which does not matter to a statistic): `t` itself for contiguous and channels_last layouts, with no
+    launch at all, else collect.flat's 1-D view (or copy)."""
+    if not (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
+        t = flat(t)
+    return t, t.storage_offset()
 
 
 class SampleBlock:
@@ -66,7 +68,7 @@ class SampleBlock:
     def __init__(self, n_tensors: int, n_activations: int, size: int, device: torch.device, *,
                  dead_threshold: float, hist_range: tuple[float, float], bins: int, steps: int = 8, seed: int = 0):
         N, H, K, S = n_tensors, n_activations, steps, size
-        self.size, self.steps, self.pending = size, steps, 0
+        self.size, self.steps, self.pending, self.n_activations = size, steps, 0, n_activations
         self.dead_threshold, self.hist_range, self.bins = dead_threshold, hist_range, bins
         self.values = torch.zeros(N, K, S, device=device)
         # views made once, so a hook costs two launches (as_strided, copy_)
@@ -105,10 +107,7 @@ class SampleBlock:
         """Take tensor i's values at the open step; returns (values summarised, values it had). When the
         first is below `size`, the slot's other values are zeros."""
         k = self.pending - 1
-        if len(tensors) == 1:
-            base, offset = memory_order(tensors[0].detach())
-        else:
-            base, offset = torch.cat([t.detach().reshape(-1) for t in tensors]), 0
+        base, offset = memory_order(tensors[0].detach()) if len(tensors) == 1 else (gather_values(tensors), 0)
         n, size = base.numel(), self.size
         if n <= size:                                # copied whole
             slot, x = self._slots[k][i], base.as_strided((n,), (1,), offset)
@@ -116,7 +115,7 @@ class SampleBlock:
             if self._filled[k][i] > n:
                 slot[n:].zero_()
             self._filled[k][i] = n
-            if i < self._extremes.shape[2]:          # an activation: its zeros must not count as min or max
+            if i < self.n_activations:               # an activation: its zeros must not count as min or max
                 torch.aminmax(x, out=(self._extremes[0, k, i], self._extremes[1, k, i]))
                 self._whole.append((k, i))
             return n, n
