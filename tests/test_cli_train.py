@@ -168,3 +168,21 @@ def test_statistics_findings_and_tensorboard_by_default(tiny_data, tmp_path):
     html = (run / "report.html").read_text()
     assert "block0.conv" in html and "Findings" in html
     assert "from 4096 values of every output and gradient" in html  # the report says the statistics are sampled
+
+
+def test_stats_sample_option(tiny_data, tmp_path, capsys):
+    from deepscope.stats import load_stats
+
+    args = [a for a in FAST if a != "--no-stats"]
+    counts = {}
+    for sample in ("4096", "0"):
+        out = tmp_path / f"run{sample}"
+        assert main(["train", "--data-dir", str(tiny_data), "--out", str(out), *args, "--epochs", "1",
+                     "--stats-sample", sample]) == 0
+        stats = load_stats(out)
+        counts[sample] = stats.act_hist[0, stats.modules.index("block0.conv")].sum()
+    assert counts["4096"] == 4096 and counts["0"] == 16 * 4 * 14 * 14  # 0: every value of the 16x4x14x14 output
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data-dir", str(tiny_data), "--out", str(tmp_path / "bad"), *args, "--stats-sample", "-1"])
+    assert info.value.code == 2 and "--stats-sample: must be 0 or a positive whole number, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

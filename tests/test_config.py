@@ -22,6 +22,7 @@ def test_defaults_round_trip():
     ({"weight_decay": -0.1}, "weight decay must be >= 0"),
     ({"norm": "bogus"}, "norm must be one of"),
     ({"model": "vgg"}, "model must be one of"),
+    ({"stats_sample": -1}, "stats sample must be a number of values, or 0 for all of them"),
 ])
 def test_bad_values_are_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
