@@ -3,6 +3,7 @@ every run so the result can be traced back to exactly what produced it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,8 +67,18 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name.replace('_', ' ')} must be a finite number, got {value}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not self.nfs:
+            raise ConfigError("nfs needs at least one number of channels, e.g. [16, 32, 64, 128]")
+        from .callbacks.device import check_device
+
+        if self.device != "auto":
+            check_device(self.device)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,3 +19,13 @@ class OutputError(DeepscopeError):
 
 class CheckpointError(DeepscopeError):
     """A checkpoint does not fit the model it is loaded into."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM); raised where it was, so cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)

@@ -1,6 +1,7 @@
 """The training job behind `deepscope train`: config -> data, model, Learner -> run folder."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,7 @@ from .learner import Learner
 from .models import get_model
 from .norms import NORM_KINDS
 from .optim import OPTIMIZERS
-from .rundir import (
-    abandon_run_dir, default_run_dir, environment, finish_run_dir, prepare_run_dir, write_json,
-)
+from .runfolder import FINDINGS, METRICS, RECORDER, STATS, WEIGHTS, RunFolder, environment
 from .seed import set_seed
 from .stats import ActivationStats
 from .weights import save_weights
@@ -85,13 +84,15 @@ def looking_inside_callbacks(config: TrainConfig, run_dir: Path | None) -> list:
     return cbs
 
 
-def build_learner(config: TrainConfig, dls: DataLoaders, extra_cbs=(), progress: bool = True) -> Learner:
+def build_learner(config: TrainConfig, dls: DataLoaders, extra_cbs=(), progress: bool = True,
+                  quiet: bool = False) -> Learner:
+    """The configured Learner. `progress` adds the per-epoch table (and bars and live plot unless `quiet`)."""
     init_batch = next(iter(dls.train))[0] if config.init == "lsuv" else None
     model = build_model(config, dls.n_classes or 10, init_batch)
     device = DeviceCallback(config.device, channels_last=True)
     cbs = [device, MetricsCallback(), Recorder(), *schedule_callbacks(config), *extra_cbs]
     if progress:
-        cbs.append(ProgressCallback())
+        cbs.append(ProgressCallback(bars=False, plot=False) if quiet else ProgressCallback())
     if config.limit_batches:
         cbs.append(LimitBatches(config.limit_batches, config.limit_batches))
     return Learner(model, dls, nn.functional.cross_entropy, lr=config.lr, opt_func=make_optimizer_factory(config), cbs=cbs)
@@ -102,38 +103,66 @@ class RunResult:
     run_dir: Path
     history: list[dict]
     seconds: float
+    valid_samples: int | None = None  # images the last validation pass measured (fewer under --limit-batches)
+    n_valid: int | None = None  # images in the validation set
+    problem: str | None = None  # why the training failed (a non-finite loss), or None
+    failed_steps: tuple[str, ...] = ()  # optional steps (the report) that could not be written
 
 
-def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> RunResult:
-    """Train as configured and write the run folder (config, metrics, weights, report)."""
+def nonfinite_loss(losses: list[float], history: list[dict]) -> str | None:
+    """A sentence naming the first non-finite training loss or epoch metric, or None when all are finite."""
+    bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    if bad is not None:
+        return f"the training loss became {losses[bad]} at step {bad + 1} of {len(losses)}"
+    for record in history:
+        for key in ("train_loss", "valid_loss"):
+            value = record.get(key)
+            if value is not None and not math.isfinite(value):
+                return f"{key.replace('_', ' ')} was {value} in epoch {record.get('epoch', '?')}"
+    return None
+
+
+def valid_samples(config: TrainConfig, dls: DataLoaders) -> int | None:
+    """How many validation images one validation pass measures (all of them unless --limit-batches)."""
+    n = getattr(dls.valid, "x", None)
+    if n is None:
+        return None
+    n = len(n)
+    if config.limit_batches:
+        n = min(n, config.limit_batches * dls.valid.batch_size)
+    return n
+
+
+def train(config: TrainConfig, *, progress: bool = True, quiet: bool = False, overwrite: bool = False) -> RunResult:
+    """Train as configured and write the run folder (config, metrics, weights, findings, statistics,
+    report). Raises OutputError before any work when `config.out` may not be written (see
+    deepscope.runfolder), DataError/ConfigError for bad data or options. A run that trains to a
+    non-finite loss is still written, and its `problem` says so."""
     started = time.perf_counter()
-    out = Path(config.out) if config.out else default_run_dir()
-    staging = prepare_run_dir(out, overwrite=overwrite)  # fail fast on an unwritable folder
-    try:
+    with RunFolder.prepare(config.out, "train", overwrite=overwrite) as run:
         if config.threads:
             torch.set_num_threads(config.threads)
         set_seed(config.seed)
         dls = image_dls(config.dataset, config.data_dir, config.batch_size, seed=config.seed, verify=config.verify)
-        learn = build_learner(config, dls, looking_inside_callbacks(config, staging), progress=progress)
+        learn = build_learner(config, dls, looking_inside_callbacks(config, run.path), progress=progress,
+                              quiet=quiet)
         learn.fit(config.epochs)
         metrics = learn.get_cb(MetricsCallback)
         recorder = learn.get_cb(Recorder)
         device = learn.get_cb(DeviceCallback).device
         seconds = time.perf_counter() - started
-        write_json(staging / "config.json", {"config": config.to_dict(), "environment": environment(device),
-                                             "data": dls.info, "wall_seconds": seconds})
-        write_json(staging / "metrics.json", metrics.history)
-        write_json(staging / "recorder.json", {"loss": recorder.losses, "lr": recorder.lrs, "momentum": recorder.moms})
-        save_weights(learn.model, staging / "model.safetensors")
-        findings = [moved_paths(f, str(staging), str(out)) for f in learn.get_cb(Diagnose).findings]
-        save_findings(staging / "findings.json", findings)
+        run.write_config(config.to_dict(), environment=environment(device), data=dls.info, wall_seconds=seconds)
+        run.write_json(METRICS, metrics.history)
+        run.write_json(RECORDER, {"loss": recorder.losses, "lr": recorder.lrs, "momentum": recorder.moms})
+        save_weights(learn.model, run.file(WEIGHTS))
+        findings = [moved_paths(f, str(run.path), str(run.final)) for f in learn.get_cb(Diagnose).findings]
+        save_findings(run.file(FINDINGS), findings)
         if learn.get_cb(ActivationStats) is not None:
-            learn.get_cb(ActivationStats).save(staging / "stats.npz")
+            learn.get_cb(ActivationStats).save(run.file(STATS))
         from .report import write_report
 
-        write_report(staging)
-        run_dir = finish_run_dir(staging)
-    except BaseException:
-        abandon_run_dir(staging)
-        raise
-    return RunResult(run_dir, metrics.history, time.perf_counter() - started)
+        run.optional("report", lambda: write_report(run.path))
+        run_dir = run.finish()
+    return RunResult(run_dir, metrics.history, time.perf_counter() - started, valid_samples(config, dls),
+                     len(dls.valid.x) if hasattr(dls.valid, "x") else None,
+                     nonfinite_loss(recorder.losses, metrics.history), tuple(run.failed_optional))

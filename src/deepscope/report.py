@@ -25,7 +25,9 @@ from .plots import (
     color_dim_grid, dead_chart, figure_to_data_uri, grad_norm_plot, lr_find_plot, mean_std_plot, plot_curve,
     plot_metrics, status_screen, update_ratio_plot,
 )
-from .rundir import read_json
+from .runfolder import (
+    ABLATION_CSV, FINDINGS, LR_FIND, METRICS, RECORDER, REPORT, STATS, read_config, read_json, write_text,
+)
 
 SEVERITIES = ("error", "warning", "info")  # the order findings are listed in
 DPI = 90  # enough to read, small enough that a report with a dozen plots stays around a megabyte
@@ -52,7 +54,7 @@ def _env() -> jinja2.Environment:
 
 def load_stats_file(run_dir: Path):
     """The run's per-layer statistics, or None when the run recorded none."""
-    if not (run_dir / "stats.npz").is_file():
+    if not (run_dir / STATS).is_file():
         return None
     from .stats import load_stats
 
@@ -62,21 +64,82 @@ def load_stats_file(run_dir: Path):
 def _read_csv(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path} is not a readable CSV file ({e})") from None
     return {"columns": rows[0], "rows": rows[1:]} if rows else None
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(path: Path, where: str, values) -> list[float]:
+    """A JSON list of numbers (null = not measured, read as NaN); DataError naming the file otherwise."""
+    if not isinstance(values, list) or not all(v is None or _is_number(v) for v in values):
+        raise DataError(f"{path}: {where} should be a list of numbers")
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def _metrics(path: Path) -> list[dict]:
+    """metrics.json: one JSON object per epoch whose values are numbers or null; columns that some epochs
+    lack are filled with None, so every row has every column."""
+    if not path.is_file():
+        return []
+    records = read_json(path, list)
+    columns: list[str] = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: epoch record {i} should be a JSON object, not {type(record).__name__}")
+        for key, value in record.items():
+            if value is not None and not _is_number(value):
+                raise DataError(f"{path}: epoch record {i}: {key!r} should be a number or null, not {value!r}")
+            if key not in columns:
+                columns.append(key)
+    return [{c: r.get(c) for c in columns} for r in records]
+
+
+def _recorder(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    rec = read_json(path, dict)
+    return {key: _numbers(path, repr(key), rec[key]) for key in ("loss", "lr", "momentum") if rec.get(key) is not None}
+
+
+def _findings(path: Path) -> list[dict] | None:
+    if not path.is_file():
+        return None
+    findings = read_json(path, list)
+    for i, f in enumerate(findings):
+        if not isinstance(f, dict):
+            raise DataError(f"{path}: finding {i} should be a JSON object, not {type(f).__name__}")
+    return findings
+
+
+def _lr_find(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    data = read_json(path, dict)
+    lrs, losses = _numbers(path, "'lrs'", data.get("lrs", [])), _numbers(path, "'losses'", data.get("losses", []))
+    if len(lrs) != len(losses):
+        raise DataError(f"{path}: 'lrs' has {len(lrs)} values but 'losses' has {len(losses)}; they must match")
+    suggestions = data.get("suggestions") or {}
+    if not isinstance(suggestions, dict) or not all(_is_number(v) for v in suggestions.values()):
+        raise DataError(f"{path}: 'suggestions' should map names to learning rates")
+    return {**data, "lrs": lrs, "losses": losses, "suggestions": suggestions}
+
+
 def load_run(run_dir: str | Path) -> dict:
-    """Everything in a run folder that the report shows; missing optional parts are None."""
+    """Everything in a run folder that the report shows; missing optional parts are None. Raises
+    DataError naming the file when one is malformed or holds values of the wrong type."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise DataError(f"{run_dir} is not a deepscope run folder (no config.json); pass the folder that "
-                        f"`deepscope train` wrote")
-    optional = lambda name: read_json(run_dir / name) if (run_dir / name).is_file() else None
-    return {"dir": run_dir, "config": read_json(run_dir / "config.json"), "metrics": optional("metrics.json") or [],
-            "recorder": optional("recorder.json"), "findings": optional("findings.json"),
-            "lr_find": optional("lr_find.json"), "ablation": _read_csv(run_dir / "ablation.csv"),
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir} is not a folder; pass a run folder that `deepscope train` wrote")
+    return {"dir": run_dir, "config": read_config(run_dir), "metrics": _metrics(run_dir / METRICS),
+            "recorder": _recorder(run_dir / RECORDER), "findings": _findings(run_dir / FINDINGS),
+            "lr_find": _lr_find(run_dir / LR_FIND), "ablation": _read_csv(run_dir / ABLATION_CSV),
             "stats": load_stats_file(run_dir)}
 
 
@@ -167,10 +230,9 @@ def render_report(run_dir: str | Path) -> str:
 
 
 def write_report(run_dir: str | Path) -> Path:
+    """Render RUN_DIR/report.html (written atomically: a reader never sees half a file)."""
     run_dir = Path(run_dir)
     html = render_report(run_dir)
-    path = run_dir / "report.html"
-    tmp = path.with_name("report.html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    path = run_dir / REPORT
+    write_text(path, html)
     return path

@@ -4,18 +4,47 @@ from __future__ import annotations
 import torch
 
 from ..callback import Callback
+from ..errors import ConfigError
 from ..data.loaders import TensorBatches
 
 
 def default_device(preference: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple's MPS, then the CPU; any other string is passed to torch.device."""
+    """`auto` picks CUDA, then Apple's MPS, then the CPU; any other string names a device (`cpu`, `cuda`,
+    `cuda:N`, `mps`) that must exist here. Raises ConfigError for an unknown name or a device this torch
+    build or this machine does not have, before any data is loaded."""
     if preference != "auto":
-        return torch.device(preference)
+        return check_device(preference)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """`name` as a torch.device, or ConfigError saying why it cannot be used here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {str(name)!r}; choose auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ConfigError(f"device {str(name)!r}: this torch ({torch.__version__}) was built without CUDA; "
+                              f"use --device cpu (or auto), or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(name)!r}: no CUDA GPU is available on this machine; use --device cpu "
+                              f"(or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {str(name)!r}: this machine has {count} CUDA device(s), numbered 0 to "
+                              f"{count - 1}")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {str(name)!r}: Apple's MPS is not available here; use --device cpu (or auto)")
+    elif device.type != "cpu":
+        raise ConfigError(f"device {str(name)!r}: deepscope runs on cpu, cuda or mps, not {device.type}")
+    return device
 
 
 def to_device(batch, device: torch.device, non_blocking: bool = False):

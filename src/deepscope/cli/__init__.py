@@ -3,11 +3,14 @@ which registers the sub-command and sets `func(args) -> int` as its handler."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import signal
 import sys
+import threading
 
 from ..cpu_memory import keep_freed_memory
-from ..errors import DeepscopeError
+from ..errors import DeepscopeError, Interrupted
 
 # Module names under deepscope.cli, in the order `deepscope --help` lists them.
 SUBCOMMANDS = ("train", "report", "doctor", "lr_find", "ablate", "bench")
@@ -28,17 +31,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+# What to do about an OSError while reading or writing files, by errno.
+_OS_ADVICE = {errno.ENOSPC: "free some disk space or choose another --out",
+              errno.EDQUOT: "free some space within your quota or choose another --out",
+              errno.EFBIG: "the file grew past a size limit (ulimit -f); raise it or choose another --out",
+              errno.EACCES: "check the permissions, or choose another --out",
+              errno.EROFS: "the filesystem is read-only; choose another --out",
+              errno.EIO: "the disk reported an I/O error; check it"}
+
+
+def _user_error(e: BaseException) -> BaseException | None:
+    """The error a user can act on behind `e` (a callback may wrap it): a DeepscopeError or an OSError
+    about a file."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DeepscopeError) or (isinstance(e, OSError) and e.errno in _OS_ADVICE):
+            return e
+        e = getattr(e, "error", None) or e.__cause__
+    return None
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if e.filename else ""
+        return f"cannot write or read{where}: {e.strerror or e}; {_OS_ADVICE[e.errno]}"
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # a deepscope process trains: stop the per-step page faults (cpu_memory.py)
+    name = f"deepscope {args.command}"
+    # SIGTERM stops the run the way Ctrl-C does, so the run folder is finished or abandoned cleanly.
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if on_main else None
     try:
         return int(args.func(args) or 0)
-    except DeepscopeError as e:
-        print(f"deepscope {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Interrupted) and e.signum == signal.SIGTERM
+        print(f"{name}: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
+        _outcome(e)
+        return 143 if term else 130
+    except Exception as e:  # noqa: BLE001 - user errors become one message; anything else is re-raised
+        user = _user_error(e)
+        if user is None:
+            raise
+        print(f"{name}: error: {_message(user)}", file=sys.stderr)
+        _outcome(e)
         return 2
-    except KeyboardInterrupt:
-        print(f"deepscope {args.command}: interrupted", file=sys.stderr)
-        return 130
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _outcome(e: BaseException) -> None:
+    """Say what happened to the run folder (set by deepscope.runfolder when it abandoned one)."""
+    outcome = getattr(e, "run_folder_outcome", None)
+    if outcome:
+        print(f"  {outcome}", file=sys.stderr)
 
 
 if __name__ == "__main__":

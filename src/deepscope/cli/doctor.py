@@ -51,15 +51,11 @@ def run(args: argparse.Namespace) -> int:
     from ..data import image_dls
     from ..diagnose import diagnose, format_findings, moved_paths, save_findings
     from ..recipe import build_model, make_optimizer_factory
-    from ..rundir import (
-        abandon_run_dir, default_run_dir, environment, finish_run_dir, prepare_run_dir, write_json,
-    )
+    from ..runfolder import FINDINGS, RunFolder, environment
     from ..seed import set_seed
 
     config = config_from_args(args)
-    out = Path(config.out) if config.out else default_run_dir("doctor")
-    staging = prepare_run_dir(out, overwrite=getattr(args, "overwrite", False))
-    try:
+    with RunFolder.prepare(config.out, "doctor", overwrite=args.overwrite) as run:
         if config.threads:
             torch.set_num_threads(config.threads)
         set_seed(config.seed)
@@ -68,16 +64,13 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(config, dls.n_classes or 10).to(device)
         batches = FirstBatches(dls.train, config.limit_batches) if config.limit_batches else dls.train
         findings = diagnose(model, batches, torch.nn.functional.cross_entropy, steps=args.steps, lr=config.lr,
-                            opt_func=make_optimizer_factory(config), save_dir=staging)
-        # The batch was saved in the staging folder, which becomes `out`: name the final place.
-        findings = [moved_paths(f, str(staging), str(out)) for f in findings]
-        save_findings(staging / "findings.json", findings)
-        write_json(staging / "config.json", {"config": config.to_dict(), "environment": environment(device),
-                                             "data": dls.info, "doctor_steps": args.steps})
-        run_dir = finish_run_dir(staging)
-    except BaseException:
-        abandon_run_dir(staging)
-        raise
+                            opt_func=make_optimizer_factory(config), save_dir=run.path)
+        # The batch was saved in the staging folder, which becomes the run folder: name the final place.
+        findings = [moved_paths(f, str(run.path), str(run.final)) for f in findings]
+        save_findings(run.file(FINDINGS), findings)
+        run.write_config(config.to_dict(), environment=environment(device), data=dls.info,
+                         options={"steps": args.steps})
+        run_dir = run.finish()
     print(format_findings(findings), end="")
-    print(f"findings written to {run_dir / 'findings.json'}")
+    print(f"findings written to {run_dir / FINDINGS}")
     return 0

@@ -23,43 +23,39 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
     import torch
 
     from ..callbacks import DeviceCallback
     from ..data import image_dls
+    from ..errors import ConfigError
     from ..lr_find import lr_find
     from ..plots import save_png
     from ..recipe import build_learner
-    from ..rundir import abandon_run_dir, default_run_dir, environment, finish_run_dir, prepare_run_dir, write_json
+    from ..runfolder import LR_FIND, LR_FIND_PNG, RunFolder, environment
     from ..seed import set_seed
 
     started = time.perf_counter()
     config = config_from_args(args)
-    out = Path(config.out) if config.out else default_run_dir("lr-find")
-    staging = prepare_run_dir(out, overwrite=args.overwrite)
-    try:
+    if not args.start_lr < args.end_lr:
+        raise ConfigError(f"--start-lr ({args.start_lr}) must be below --end-lr ({args.end_lr})")
+    with RunFolder.prepare(config.out, "lr-find", overwrite=args.overwrite) as run:
         if config.threads:
             torch.set_num_threads(config.threads)
         set_seed(config.seed)
         dls = image_dls(config.dataset, config.data_dir, config.batch_size, seed=config.seed, verify=config.verify)
         learn = build_learner(config, dls, progress=False)
         result = lr_find(learn, args.start_lr, args.end_lr, args.num_it)
-        write_json(staging / "lr_find.json", result.to_dict())
-        save_png(result.plot(), staging / "lr_find.png")
-        write_json(staging / "config.json", {"config": config.to_dict(), "data": dls.info,
-                                             "environment": environment(learn.get_cb(DeviceCallback).device),
-                                             "lr_find": {"start_lr": args.start_lr, "end_lr": args.end_lr, "num_it": args.num_it},
-                                             "wall_seconds": time.perf_counter() - started})
-        run_dir = finish_run_dir(staging)
-    except BaseException:
-        abandon_run_dir(staging)
-        raise
+        run.write_json(LR_FIND, result.to_dict())
+        save_png(result.plot(), run.file(LR_FIND_PNG))
+        run.write_config(config.to_dict(), environment=environment(learn.get_cb(DeviceCallback).device),
+                         data=dls.info, options={"start_lr": args.start_lr, "end_lr": args.end_lr, "num_it": args.num_it},
+                         wall_seconds=time.perf_counter() - started)
+        run_dir = run.finish()
     print(f"lr finder: {len(result.lrs)} of {args.num_it} batches, lr {result.lrs[0]:.2e} .. {result.lrs[-1]:.2e}"
           if result.lrs else "lr finder: no finite loss recorded")
     for name, lr in result.suggestions.items():
         print(f"  {name:>15}: {lr:.2e}")
     print(("warning: " if result.noisy else "") + result.message)
-    print(f"wrote {run_dir / 'lr_find.json'} and {run_dir / 'lr_find.png'}")
-    return 0
+    print(f"wrote {run_dir / LR_FIND} and {run_dir / LR_FIND_PNG}")
+    return 0 if result.lrs else 1

@@ -3,6 +3,7 @@ and the rule, before anything runs."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def _whole_number(text: str, minimum: int) -> int:
@@ -24,11 +25,37 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
-def positive_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or positive, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda, cuda:N, mps, ...: checked against this machine before any work starts."""
+    from ..callbacks.device import default_device
+    from ..errors import ConfigError
+
+    try:
+        default_device(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

@@ -16,7 +16,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..report import write_report
+    from ..runfolder import REPORT, record_file
 
     path = write_report(args.run_dir)
+    record_file(args.run_dir, REPORT)
     print(f"wrote {path}")
     return 0

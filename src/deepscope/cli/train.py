@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import TrainConfig
-from .options import non_negative_int, positive_float, positive_int
+from .options import device_name, non_negative_float, non_negative_int, positive_float, positive_int
 
 DEFAULTS = TrainConfig()
 
@@ -38,12 +38,12 @@ def add_config_arguments(p: argparse.ArgumentParser, run_prefix: str = "train") 
     opt.add_argument("--opt", default=d.opt, help="optimizer: adamw, adam, sgd (momentum 0.9), rmsprop from torch.optim, "
                                                    "or deepscope's hand-written ds_sgd, ds_momentum, ds_rmsprop, "
                                                    "ds_adam, ds_adamw (default: %(default)s)")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (default: %(default)s)")
+    opt.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay, help="weight decay (default: %(default)s)")
     opt.add_argument("--batch-size", "--bs", type=positive_int, default=d.batch_size,
                      help="training batch size; validation uses twice this (default: %(default)s)")
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
-    run.add_argument("--device", default=d.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps "
+    run.add_argument("--device", type=device_name, default=d.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps "
                                                          "(default: %(default)s)")
     run.add_argument("--threads", type=positive_int, default=d.threads, help="CPU threads for torch (default: torch's choice)")
     run.add_argument("--limit-batches", type=positive_int, default=d.limit_batches, metavar="N",
@@ -56,7 +56,10 @@ def add_config_arguments(p: argparse.ArgumentParser, run_prefix: str = "train") 
                           "1.1x the step time on a 2-core CPU); 0 summarises all of them, exactly, at about 2x")
     run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files into the run folder")
     run.add_argument("--out", default=d.out, metavar="DIR", help=f"run folder to write (default: runs/{run_prefix}-<date>-<time>)")
-    run.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a run")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace --out if it holds a deepscope run (and nothing else): the new run is written "
+                          "beside it and swapped in when complete, then only the files deepscope wrote into the "
+                          "old run are deleted. A folder of other files is never touched")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -81,9 +84,21 @@ def run(args: argparse.Namespace) -> int:
     from ..recipe import train
 
     config = config_from_args(args)
-    result = train(config, progress=True, overwrite=args.overwrite)
+    result = train(config, quiet=args.quiet, overwrite=args.overwrite)
+    report = result.run_dir / "report.html"
+    where = (f"run folder {result.run_dir} (open {report})" if "report" not in result.failed_steps else
+             f"run folder {result.run_dir} (no report: rebuild it with `deepscope report {result.run_dir}`)")
+    if result.problem:
+        print(f"training failed after {result.seconds:.1f} s: {result.problem}. Lower the learning rate (--lr) "
+              f"or run `deepscope doctor` with the same options; {where}")
+        return 1
     last = result.history[-1] if result.history else {}
     acc = last.get("valid_accuracy")
-    summary = f"test accuracy {100 * acc:.2f}%, " if acc is not None else ""
-    print(f"done in {result.seconds:.1f} s: {summary}run folder {result.run_dir} (open {result.run_dir / 'report.html'})")
-    return 0
+    summary = ""
+    if acc is not None:
+        partial = result.valid_samples is not None and result.n_valid and result.valid_samples < result.n_valid
+        measured = (f" on {result.valid_samples:,} of {result.n_valid:,} test images (--limit-batches)" if partial
+                    else "")
+        summary = f"{'valid' if partial else 'test'} accuracy {100 * acc:.2f}%{measured}, "
+    print(f"done in {result.seconds:.1f} s: {summary}{where}")
+    return 1 if result.failed_steps else 0

@@ -222,6 +222,11 @@ def check_split(images: np.ndarray, labels: np.ndarray, images_path: Path, label
         raise DataError(f"{images_path}: expected images of shape (N, rows, cols), got {images.shape}")
     if labels.ndim != 1:
         raise DataError(f"{labels_path}: expected labels of shape (N,), got {labels.shape}")
+    if len(images) == 0:
+        raise DataError(f"{images_path} holds no images: a split needs at least one; check the file (or the "
+                        f"--data-dir it came from)")
+    if images.shape[1] == 0 or images.shape[2] == 0:
+        raise DataError(f"{images_path}: images of {images.shape[1]}x{images.shape[2]} pixels hold nothing to learn from")
     if len(images) != len(labels):
         raise DataError(
             f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels; "

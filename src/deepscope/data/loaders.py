@@ -75,6 +75,9 @@ class DataLoaders:
 def normalise(x_train: torch.Tensor, x_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Scale both splits with the *training* set's mean and std (never the validation set's)."""
     mean, std = x_train.mean().item(), x_train.std().item()
+    if not std > 0:  # also NaN, from a single pixel value
+        raise DataError(f"every training pixel has the value {mean:.4g}: the images are blank, so there is nothing "
+                        f"to learn and they cannot be normalised; check the image file")
     return (x_train - mean) / std, (x_valid - mean) / std, mean, std
 
 
