@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .errors import CheckpointError
@@ -12,7 +12,13 @@ from .errors import CheckpointError
 def save_weights(model: nn.Module, path: str | Path) -> None:
     # safetensors stores dense row-major tensors: channels_last weights are made contiguous first.
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    # Serialised in memory and written by Python, so a full disk is an OSError that names the file
+    # (safetensors' own writer reports it as its own error type).
+    data = save(state)
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

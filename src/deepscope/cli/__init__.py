@@ -58,8 +58,8 @@ def _user_error(e: BaseException) -> BaseException | None:
 
 def _message(e: BaseException) -> str:
     if isinstance(e, OSError):
-        where = f" {e.filename}" if e.filename else ""
-        return f"cannot write or read{where}: {e.strerror or e}; {_OS_ADVICE[e.errno]}"
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror or e}{where}; {_OS_ADVICE[e.errno]}"
     return str(e)
 
 

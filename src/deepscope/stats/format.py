@@ -77,7 +77,10 @@ def save_stats(stats: Stats, path: str | Path) -> Path:
             arrays[f.name] = np.array(value, dtype=np.str_)
         else:
             arrays[f.name] = np.asarray(value)
-    np.savez_compressed(file, **arrays)
+    try:
+        np.savez_compressed(file, **arrays)
+    except OSError as e:  # zipfile's errors do not name the file
+        raise OSError(e.errno, e.strerror, str(file)) from None
     return file
 
 

@@ -1,0 +1,241 @@
+"""The safety contract of the command line, tried as a user would: every way out of `deepscope train`
+(an error, Ctrl-C, SIGTERM, kill -9, a full disk, a second process) leaves the old run intact or the new
+one complete and says so; every bad input is one clear message with exit 2, never a traceback."""
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_tiny_dataset
+from deepscope.cli import main
+from deepscope.runfolder import MARKER, is_run_folder, read_marker
+
+FAST = ["--no-verify", "--nfs", "4", "8", "--threads", "1", "--epochs", "1"]
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "deepscope", *map(str, args)]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+
+
+def tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("data"), n_train=256, n_test=64)
+
+
+@pytest.fixture(scope="module")
+def old_run(data, tmp_path_factory):
+    """A finished run to protect; each test copies it."""
+    out = tmp_path_factory.mktemp("old") / "run"
+    subprocess.run(cli("train", "--data-dir", data, *FAST, "--out", out), check=True, env=env(), capture_output=True)
+    assert is_run_folder(out)
+    return out
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    for path in src.rglob("*"):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    return dest
+
+
+def start_long_run(data, out, *extra) -> subprocess.Popen:
+    """A training run that lasts long enough to be interrupted; returns once it is writing its staging folder."""
+    proc = subprocess.Popen(cli("train", "--data-dir", data, *FAST[:-2], "--epochs", "500", "--batch-size", "16",
+                                "--out", out, *extra), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    staging = Path(str(out) + ".partial")
+    deadline = time.monotonic() + 60
+    while not (staging / "stats.npz").exists() and not staging.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2.0)  # into the training loop (data loaded, a few epochs run)
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_mid_training_keeps_the_old_run_and_says_so(sig, code, said, data, old_run, tmp_path):
+    out = copy_run(old_run, tmp_path / "run")
+    before = tree(out)
+    proc = start_long_run(data, out, "--overwrite")
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert said in stderr and "old run" in stderr and "intact" in stderr
+    assert "Traceback" not in stderr
+    assert tree(out) == before
+    assert not Path(str(out) + ".partial").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_the_old_run_and_the_next_run_cleans_up(data, old_run, tmp_path):
+    out = copy_run(old_run, tmp_path / "run")
+    before = tree(out)
+    proc = start_long_run(data, out, "--overwrite")
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert tree(out) == before, "kill -9 mid-run must not touch the old run"
+    assert read_marker(Path(str(out) + ".partial"))["state"] == "writing"
+    done = subprocess.run(cli("train", "--data-dir", data, *FAST, "--out", out, "--overwrite"),
+                          env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "interrupted run" in done.stderr
+    assert is_run_folder(out) and not Path(str(out) + ".partial").exists()
+    assert tree(out) != before
+
+
+@pytest.mark.slow
+def test_a_second_process_cannot_write_into_the_same_run(data, tmp_path):
+    out = tmp_path / "run"
+    first = start_long_run(data, out)
+    try:
+        second = subprocess.run(cli("train", "--data-dir", data, *FAST, "--out", out, "--overwrite"),
+                                env=env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert "another deepscope process" in second.stderr and str(first.pid) in second.stderr
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+def _limit_file_size(limit: int):
+    def set_limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return set_limit
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_results_keeps_the_old_run(data, old_run, tmp_path):
+    out = copy_run(old_run, tmp_path / "run")
+    before = tree(out)
+    # 64 KiB: the config and metrics fit, the weights of this wider model (~0.5 MB) do not.
+    done = subprocess.run(cli("train", "--data-dir", data, *FAST, "--nfs", "32", "64", "128", "--out", out,
+                              "--overwrite"), env=env(), capture_output=True, text=True,
+                          preexec_fn=_limit_file_size(64 * 1024))
+    assert done.returncode == 2, done.stderr
+    assert "File too large: " in done.stderr and "model.safetensors" in done.stderr and "Traceback" not in done.stderr
+    assert "old run" in done.stderr and "intact" in done.stderr
+    assert tree(out) == before and not Path(str(out) + ".partial").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_report_keeps_the_finished_run(data, tmp_path):
+    out = tmp_path / "run"
+    # 200 KiB: every result file fits, the report (plots inlined, ~400 KB) does not.
+    done = subprocess.run(cli("train", "--data-dir", data, *FAST, "--out", out), env=env(), capture_output=True,
+                          text=True, preexec_fn=_limit_file_size(200 * 1024))
+    assert done.returncode == 1, done.stderr
+    assert "could not write the report" in done.stderr and f"deepscope report {out}" in done.stdout
+    assert is_run_folder(out)
+    assert {"config.json", "metrics.json", "model.safetensors", "stats.npz"} <= set(read_marker(out)["files"])
+    assert not (out / "report.html").exists()
+    rebuilt = subprocess.run(cli("report", out), env=env(), capture_output=True, text=True)
+    assert rebuilt.returncode == 0 and (out / "report.html").is_file()
+    assert "report.html" in read_marker(out)["files"], "a rebuilt report is recorded as deepscope's"
+
+
+# --- bad input: one message, exit 2, nothing written ------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--device", "bogus"], "unknown device 'bogus'"),
+    (["--device", "cuda"], "cuda"),
+    (["--device", "cuda:7"], "cuda:7"),
+    (["--device", "tpu"], "device"),
+    (["--lr", "inf"], "finite"), (["--lr", "nan"], "finite"), (["--weight-decay", "nan"], "finite"),
+    (["--weight-decay", "-1"], "0 or positive"), (["--lr", "1e400"], "finite"),
+])
+def test_bad_options_stop_before_the_data_is_read(args, message, tmp_path, capsys):
+    if args[:2] == ["--device", "cuda"] or args[:2] == ["--device", "cuda:7"]:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 7:
+            pytest.skip("this machine has the device")
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data-dir", str(tmp_path / "no-such-folder"), *args, "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "no-such-folder" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_lr_find_refuses_a_sweep_that_goes_down(tmp_path, capsys):
+    code = main(["lr-find", "--data-dir", str(tmp_path), "--start-lr", "1", "--end-lr", "0.1", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--start-lr" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("n_train, blank, message", [(0, False, "holds no images"), (64, True, "blank")])
+def test_empty_or_blank_training_images_are_refused(n_train, blank, message, tmp_path, capsys):
+    import numpy as np
+
+    from deepscope.data.idx import write_idx
+
+    folder = write_tiny_dataset(tmp_path / "data", n_train=n_train, n_test=16)
+    if blank:
+        write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((n_train, 28, 28), np.uint8))
+    code = main(["train", "--data-dir", str(folder), *FAST, "--out", str(tmp_path / "out")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def _run_folder(tmp_path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"config": {}, "environment": {}}')
+    (run / "metrics.json").write_text('[{"epoch": 1, "train_loss": 0.5, "valid_loss": 0.6}]')
+    return run
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("metrics.json", "{", "not valid JSON"),
+    ("metrics.json", '{"epoch": 1}', "JSON list"),
+    ("metrics.json", "[1, 2]", "epoch record 0"),
+    ("metrics.json", '[{"epoch": "one"}]', "'epoch' should be a number"),
+    ("config.json", "[]", "JSON object"),
+    ("config.json", '{"config": "lr=1"}', "'config' should be"),
+    ("recorder.json", '{"loss": ["x"]}', "list of numbers"),
+    ("findings.json", '{"kind": "x"}', "JSON list"),
+    ("findings.json", '["nan"]', "finding 0"),
+    ("lr_find.json", '{"lrs": [1, 2], "losses": [1]}', "must match"),
+    ("stats.npz", "not a zip", "stats"),
+    ("ablation.csv", b"\xff\xfe\x00bad", "CSV"),
+])
+def test_report_on_a_malformed_run_file_is_a_clear_error(name, text, message, tmp_path, capsys):
+    run = _run_folder(tmp_path)
+    path = run / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and name in err and "Traceback" not in err
+    assert not (run / "report.html").exists(), "nothing half-written"
+
+
+def test_report_on_a_missing_or_non_run_folder(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a deepscope run folder" in capsys.readouterr().err
+
+
+def test_report_accepts_metrics_whose_epochs_differ_in_columns(tmp_path):
+    run = _run_folder(tmp_path)
+    (run / "metrics.json").write_text('[{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "valid_loss": null}]')
+    assert main(["report", str(run)]) == 0
+    assert "valid_loss" in (run / "report.html").read_text()
