@@ -239,3 +239,69 @@ def test_report_accepts_metrics_whose_epochs_differ_in_columns(tmp_path):
     (run / "metrics.json").write_text('[{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "valid_loss": null}]')
     assert main(["report", str(run)]) == 0
     assert "valid_loss" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize("command", ["train", "doctor", "lr-find", "ablate"])
+def test_every_command_refuses_a_parent_folder_and_a_users_folder(command, tmp_path, monkeypatch, capsys):
+    parent = tmp_path / "parent"
+    (parent / "child").mkdir(parents=True)
+    (parent / "mine.txt").write_text("mine")
+    monkeypatch.chdir(parent / "child")
+    before = tree(parent)
+    for out in ("..", ".", str(parent)):
+        assert main([command, "--data-dir", str(tmp_path), "--out", out, "--overwrite"]) == 2
+        assert "current folder" in capsys.readouterr().err
+    assert main([command, "--data-dir", str(tmp_path), "--out", str(parent), "--overwrite"]) == 2
+    assert tree(parent) == before
+
+
+def test_training_to_nan_is_a_failure_not_a_success(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--data-dir", str(data), *FAST, "--lr", "1e30", "--schedule", "constant", "--opt", "sgd",
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "training failed" in captured.out and "nan" in captured.out.lower()
+    assert "done in" not in captured.out
+    assert is_run_folder(out), "the failed run is kept to be looked at"
+
+
+def test_limit_batches_says_what_was_measured(data, tmp_path, capsys):
+    assert main(["train", "--data-dir", str(data), *FAST, "--limit-batches", "1", "--batch-size", "16",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert "valid accuracy" in (out := capsys.readouterr().out) and "on 32 of 64 test images" in out
+
+
+@pytest.mark.slow
+def test_quiet_silences_the_bars_on_a_terminal_and_keeps_the_table(data, tmp_path):
+    import pty
+
+    def run(*extra) -> str:
+        import fcntl
+        import struct
+        import termios
+
+        leader, follower = pty.openpty()  # a real terminal, where bars would show
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))  # 100 columns wide
+        proc = subprocess.Popen(cli("train", "--data-dir", data, *FAST, "--batch-size", "16",
+                                    "--out", tmp_path / f"run{len(extra)}", *extra),
+                                env=env(), stdin=follower, stdout=follower, stderr=follower)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        proc.wait(timeout=120)
+        os.close(leader)
+        assert proc.returncode == 0
+        return b"".join(chunks).decode(errors="replace")
+
+    loud, quiet_out = run(), run("--quiet")
+    assert "it/s]" in loud or "s/it]" in loud, "the bars show on a terminal without --quiet"
+    assert "it/s]" not in quiet_out and "s/it]" not in quiet_out
+    assert "valid_accuracy" in quiet_out and "done in" in quiet_out
