@@ -166,3 +166,16 @@ def test_plain_cnn_at_a_huge_learning_rate_is_found_dead():
 def test_cnn_with_batchnorm_at_a_sane_learning_rate_has_no_problems():
     torch.manual_seed(0)
     assert problems(fit(cnn(norm=True), lr=0.1, epochs=2)) == []
+
+
+def test_a_nan_anywhere_in_the_loss_history_is_reported_with_its_step():
+    from deepscope.diagnose.history import check_nonfinite_history
+
+    losses = [2.3, 2.1, 1.9, float("nan"), float("nan")]
+    (f,) = check_nonfinite_history(losses)
+    assert f.kind == "diverged" and f.severity == "error" and f.evidence["step"] == 4
+    assert "1.9" in f.message
+    (f,) = check_nonfinite_history([2.3, 2.2], [float("inf")])
+    assert f.evidence["epoch"] == 1 and "validation loss" in f.message
+    assert check_nonfinite_history([2.3, 2.2], [2.1, None]) == []
+    assert check_nonfinite_history([]) == []

@@ -135,8 +135,32 @@ def check_loss_history(losses: list[float], n_classes: int | None = None) -> lis
     return []
 
 
+def check_nonfinite_history(losses: list[float], valid_losses: list[float] = ()) -> list[Finding]:
+    """'diverged' when a recorded training loss (every step) or an epoch's validation loss is NaN or
+    infinite. The probe's NaN checks look at some steps only; this one sees every step, so a run that
+    ends in NaN is never reported as healthy. It names the step, not the module: `deepscope doctor`
+    (or `diagnose()`) finds the module that produced the first NaN."""
+    bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    if bad is not None:
+        before = f" (the last finite loss was {losses[bad - 1]:.4g})" if bad > 0 else ""
+        return [Finding("diverged", "", "error",
+                        f"The training loss became {losses[bad]} at step {bad + 1} of {len(losses)}{before}: "
+                        f"training diverged, and every later step trained on non-finite numbers.",
+                        _FIX_DIVERGED + " `deepscope doctor` with the same options names the module that "
+                        "produced the first NaN.", {"step": bad + 1, "steps": len(losses), "loss": str(losses[bad])})]
+    epoch = next((i for i, v in enumerate(valid_losses) if v is not None and not math.isfinite(v)), None)
+    if epoch is not None:
+        return [Finding("diverged", "", "error",
+                        f"The validation loss was {valid_losses[epoch]} after epoch {epoch + 1} while every training "
+                        f"loss was finite: the last training step(s) of that epoch made the weights non-finite.",
+                        _FIX_DIVERGED, {"epoch": epoch + 1, "valid_loss": str(valid_losses[epoch])})]
+    return []
+
+
 def analyse_history(modules: list[str], steps: np.ndarray, act_std: np.ndarray, act_dead: np.ndarray,
-                    losses: list[float], n_classes: int | None = None) -> list[Finding]:
-    """All checks on the run's history (pass empty arrays for what was not recorded)."""
-    return (check_activation_crash(modules, steps, act_std) + check_dead_history(modules, steps, act_dead)
-            + check_loss_history(losses, n_classes))
+                    losses: list[float], n_classes: int | None = None,
+                    valid_losses: list[float] = ()) -> list[Finding]:
+    """All checks on the run's history (pass empty arrays for what was not recorded); `valid_losses` is
+    the validation loss of each epoch, when there is one."""
+    return (check_nonfinite_history(losses, valid_losses) + check_activation_crash(modules, steps, act_std)
+            + check_dead_history(modules, steps, act_dead) + check_loss_history(losses, n_classes))
