@@ -264,6 +264,10 @@ def test_training_to_nan_is_a_failure_not_a_success(data, tmp_path, capsys):
     assert "training failed" in captured.out and "nan" in captured.out.lower()
     assert "done in" not in captured.out
     assert is_run_folder(out), "the failed run is kept to be looked at"
+    import json
+
+    findings = json.loads((out / "findings.json").read_text())
+    assert any(f["kind"] == "diverged" and f["severity"] == "error" for f in findings), findings
 
 
 def test_limit_batches_says_what_was_measured(data, tmp_path, capsys):

@@ -120,10 +120,14 @@ def test_existing_run_folder_is_not_overwritten(tiny_data, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("precious")
     code = train(tiny_data, tmp_path / "run")
-    check_error(capsys, code, "already exists and is not empty")
+    check_error(capsys, code, "did not write")
     assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
-    assert train(tiny_data, tmp_path / "run", "--overwrite") == 0
-    assert not (tmp_path / "run" / "keep.txt").exists()
+    # --overwrite replaces only a folder deepscope made: a user's folder is never emptied.
+    check_error(capsys, train(tiny_data, tmp_path / "run", "--overwrite"), "did not write")
+    assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+    assert train(tiny_data, tmp_path / "run2") == 0
+    check_error(capsys, train(tiny_data, tmp_path / "run2"), "--overwrite")
+    assert train(tiny_data, tmp_path / "run2", "--overwrite") == 0
 
 
 def test_top_level_help_lists_commands(capsys):

@@ -18,7 +18,7 @@ def batches(n, bs=4, n_in=3, n_out=2, seed=0):
 
 def make_learner(n_train=3, n_valid=2, cbs=(), **kw):
     model = nn.Linear(3, 2)
-    dls = DataLoaders(train=batches(n_train), valid=batches(n_valid, seed=1))
+    dls = DataLoaders(train=batches(n_train), valid=batches(n_valid, seed=1) if n_valid else None)
     return Learner(model, dls, nn.functional.cross_entropy, lr=0.1, opt_func=torch.optim.SGD, cbs=cbs, **kw)
 
 

@@ -2,9 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from deepscope.callback import Callback
+from deepscope.callback import Callback, CallbackError
 from deepscope.callbacks import EarlyStopping, GradClip, MetricsCallback, MixedPrecision, SaveBest
 from deepscope.data import DataLoaders, TensorBatches
+from deepscope.errors import ConfigError
 from deepscope.learner import Learner, TrainStep
 from deepscope.weights import load_weights
 
@@ -73,6 +74,10 @@ def test_early_stopping_stops_after_patience():
     assert stopper.stopped_epoch == 2 and len(learn.get_cb(MetricsCallback).history) == 3
 
 
-def test_monitor_of_a_missing_metric_names_what_exists():
-    with pytest.raises(Exception, match="no 'valid_f1' in the epoch record"):
-        make([EarlyStopping("valid_f1")]).fit(1)
+def test_monitor_of_a_missing_metric_names_what_exists_before_training():
+    learn = make([EarlyStopping("valid_f1")])
+    before = learn.model[0].weight.detach().clone()
+    with pytest.raises(CallbackError, match=r"before_fit.*no 'valid_f1'.*'valid_accuracy'") as info:
+        learn.fit(1)
+    assert isinstance(info.value.__cause__, ConfigError)
+    assert torch.equal(before, learn.model[0].weight)  # refused before any step

@@ -56,9 +56,17 @@ class Callback:
 
     `order` sorts callbacks: lower runs first at every event. A method whose name looks like an event but
     is not one (a typo such as `after_bacth`) is an error when the callback is added, not a silent no-op.
+    What the Learner's state means at each event is written in `Learner`'s docstring.
+
+    `in_lr_sweep` says whether the callback takes part in the LR finder's sweep (`lr_find`), a short fit
+    whose steps must be taken exactly as training takes them. The default is True because a callback that
+    changes how a step is taken (device, precision, clipping, augmentation) must run in the sweep, or its
+    curve describes another training; one that records, monitors, schedules, stops or writes files sets it
+    to False, so the sweep neither fights it nor replaces what it recorded of the real fit.
     """
 
     order: int = 0
+    in_lr_sweep: bool = True
 
     @property
     def name(self) -> str:

@@ -10,7 +10,9 @@ which is the design here. Three separate steps (STYLE.md, habit 7):
 
 `lr_find` has side effects (it trains), so it cleans up (habit 8): the model's parameters and buffers,
 the optimizer (its state and hyper-parameters), the learner's lr and the random number generators are put
-back exactly as they were, even when the sweep fails.
+back exactly as they were, even when the sweep fails. Each callback says whether it takes part in the sweep
+(`Callback.in_lr_sweep`): those that change how a step is taken run, those that record, schedule, stop or
+write sit out, so what they hold of the real fit is untouched.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ import numpy as np
 import torch
 
 from .callback import Callback, CancelFitException
-from .callbacks import LimitBatches, MetricsCallback, ParamScheduler, ProgressCallback, Recorder
 from .errors import ConfigError
+from .learner import data_length
 
 # The sweep stops once the smoothed loss exceeds this multiple of the best smoothed loss so far: past that
 # the run has diverged and the rest of the sweep would only show a wall (fastai and Smith use 4 too).
@@ -40,9 +42,6 @@ NOISE_LIMIT = 0.5
 # Fewer points than this before the lowest loss (or in all) leave too little curve to read a slope from:
 # usually the sweep started too high or diverged almost at once.
 MIN_POINTS = 10
-# Callbacks that sit out the sweep: a schedule would fight the sweep's lr, a batch limit would cut it,
-# and recorders/metrics/progress keep the previous fit's records instead of the sweep's.
-SITTING_OUT = (ParamScheduler, LimitBatches, MetricsCallback, Recorder, ProgressCallback)
 
 
 # --- analyse: suggestions as pure functions of the curve ------------------------------------------------
@@ -166,6 +165,7 @@ class LRFinder(Callback):
     `num_it` batches, on a non-finite loss, or once the smoothed loss passes `div_factor` x its best."""
 
     order = 50  # after every other callback's before_batch, so nothing overrides the sweep's lr
+    in_lr_sweep = True  # it is the sweep
 
     def __init__(self, start_lr: float, end_lr: float, num_it: int, *, stop_div: bool = True,
                  div_factor: float = DIVERGENCE_FACTOR, smooth: float = SMOOTHING):
@@ -231,7 +231,8 @@ def _restore_rng(states: tuple) -> None:
 def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100, *, stop_div: bool = True,
             div_factor: float = DIVERGENCE_FACTOR, smooth: float = SMOOTHING) -> LRFindResult:
     """Sweep the lr exponentially from `start_lr` to `end_lr` over `num_it` training batches (training
-    passes only) and suggest learning rates. Model, optimizer, lr and random state are restored after."""
+    passes only) and suggest learning rates. Model, optimizer, lr and random state are restored after.
+    Callbacks whose `in_lr_sweep` is False are left out of the sweep; `learn.lr_sweep` is True during it."""
     _check_args(start_lr, end_lr, num_it, div_factor, smooth)
     finder = LRFinder(start_lr, end_lr, num_it, stop_div=stop_div, div_factor=div_factor, smooth=smooth)
     model_state = copy.deepcopy(learn.model.state_dict())
@@ -239,11 +240,13 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
     opt_state = copy.deepcopy(opt.state_dict()) if opt is not None else None
     base_lr, rng = learn.base_lr, _rng_states(learn)
     cbs = list(learn.cbs)
-    n_batches = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
+    n_batches = data_length(learn.dls.train) or 1
     try:
-        learn.remove_cbs([cb for cb in cbs if isinstance(cb, SITTING_OUT)])
-        learn.fit(max(1, math.ceil(num_it / max(n_batches, 1))), cbs=[finder], valid=False)
+        learn.remove_cbs([cb for cb in cbs if not cb.in_lr_sweep])
+        learn.lr_sweep = True
+        learn.fit(max(1, math.ceil(num_it / n_batches)), cbs=[finder], valid=False)
     finally:
+        learn.lr_sweep = False
         learn.model.load_state_dict(model_state)
         if opt is not None:
             opt.load_state_dict(opt_state)

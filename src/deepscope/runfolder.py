@@ -202,15 +202,19 @@ class RunFolder:
             self._lock_fd = os.open(tmp / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._write_marker(tmp, state="writing")
-            try:
-                os.rename(tmp, self.path)  # atomic: a staging folder always has its lock and marker
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         except OSError as e:
             self._release()
             self._remove_made_parents()
-            if isinstance(e, FileExistsError) or e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            in_the_way = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
+            why = f"{in_the_way} is a file, not a folder" if in_the_way else (e.strerror or str(e))
+            raise OutputError(f"cannot write the output folder {self.final} ({why}); choose a writable --out") from None
+        try:
+            os.rename(tmp, self.path)  # atomic: a staging folder always has its lock and marker
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._release()
+            self._remove_made_parents()
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise OutputError(f"{self.path} appeared while preparing it; is another deepscope writing "
                                   f"{self.final}? Try again, or choose another --out") from None
             raise OutputError(f"cannot write the output folder {self.final} ({e.strerror or e}); "

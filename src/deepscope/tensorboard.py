@@ -43,10 +43,12 @@ class TensorBoardCallback(Callback):
     Every `every` training steps: `train/loss` (read with `.item()` only then) and `train/lr`. Every epoch:
     `epoch/<key>` for each value of the MetricsCallback record, `weights/<parameter>` histograms (when
     `histograms`), and `activations/<module>/{mean,std,dead}` from `stats` (an ActivationStats callback;
-    found among the learner's callbacks when not given). The writer is closed in `cleanup_fit`.
+    found among the learner's callbacks when not given). The writer is closed in `cleanup_fit`. It sits
+    out the LR finder's sweep, so the log holds the fit's steps only.
     """
 
     order = 90  # after MetricsCallback (10) has appended the epoch's record
+    in_lr_sweep = False
 
     def __init__(self, log_dir: str | Path, *, stats: Callback | None = None, every: int = 50, histograms: bool = True):
         if every < 1:

@@ -5,38 +5,68 @@ import math
 from pathlib import Path
 
 from ..callback import Callback, CancelFitException
+from ..errors import ConfigError
 from ..weights import load_weights, save_weights
 from .metrics import MetricsCallback
 
 
-def _improved(value: float, best: float, mode: str, min_delta: float) -> bool:
-    return value < best - min_delta if mode == "min" else value > best + min_delta
-
-
 class _Monitor(Callback):
-    """Reads one metric (e.g. `valid_loss`, `valid_accuracy`) from the MetricsCallback after each epoch."""
+    """Reads one value of the MetricsCallback's epoch record (`valid_loss`, `valid_f1`, ...) after each epoch.
+
+    `mode` says which way is better: "min", "max", or None to infer it where a type says so: a loss is
+    minimised, and a torchmetrics metric given to the MetricsCallback has `higher_is_better`; anything
+    else is a ConfigError asking for `mode`. The direction in force is printed once at before_fit and kept
+    in `direction`. Each fit starts afresh: `best` is this fit's (epoch numbers restart with every fit).
+    """
 
     order = 40  # after MetricsCallback (10) has written the epoch's record
+    in_lr_sweep = False  # a sweep has no epoch records, and must not save, restore or stop anything
 
     def __init__(self, monitor: str = "valid_loss", mode: str | None = None, min_delta: float = 0.0):
-        self.monitor, self.min_delta = monitor, min_delta
-        self.mode = mode or ("max" if "acc" in monitor else "min")
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        self.best = math.inf if self.mode == "min" else -math.inf
+        if mode not in (None, "min", "max"):
+            raise ConfigError(f"mode must be 'min', 'max' or None (inferred), got {mode!r}")
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self.direction: str | None = mode
+        self.best = math.nan
+
+    def before_fit(self, learn) -> None:
+        metrics = learn.get_cb(MetricsCallback)
+        if metrics is None:
+            raise ConfigError(f"{self.name} reads {self.monitor!r} from a MetricsCallback; add one to the learner")
+        inferred, why = metrics.direction(self.monitor)
+        if self.mode is None and inferred is None:
+            raise ConfigError(f"{self.name}: {why}; say which way {self.monitor} should go with mode='max' or "
+                              f"mode='min'")
+        if self.mode is not None:
+            opposite = inferred is not None and inferred != self.mode
+            why = f"mode={self.mode!r} as given" + (f"; note: {why} says the opposite" if opposite else "")
+        self.direction = self.mode or inferred
+        better = "higher" if self.direction == "max" else "lower"
+        print(f"{self.name}: monitoring {self.monitor}, {better} is better ({why})")
+        self.best = -math.inf if self.direction == "max" else math.inf
+
+    def improved(self, value: float) -> bool:
+        if self.direction == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
 
     def current(self, learn) -> float:
-        metrics = learn.get_cb(MetricsCallback)
-        if metrics is None or not metrics.history:
-            raise RuntimeError(f"{self.name} needs a MetricsCallback to read {self.monitor!r} from")
-        record = metrics.history[-1]
-        if record.get(self.monitor) is None:
-            raise KeyError(f"{self.name}: no {self.monitor!r} in the epoch record; available: {sorted(record)}")
-        return record[self.monitor]
+        value = learn.get_cb(MetricsCallback).history[-1].get(self.monitor)
+        if value is None:
+            raise ConfigError(f"{self.name}: {self.monitor} was not measured in epoch {learn.epoch + 1}; did its pass "
+                              f"run (fit(valid=False) skips validation)?")
+        return value
 
 
 class SaveBest(_Monitor):
-    """Save the weights whenever the monitored metric improves; `load_best` at the end puts them back."""
+    """Save the weights to `path` whenever the monitored value improves.
+
+    With `load_best`, the best weights of the fit are put back when it ends normally *or* is cancelled
+    (EarlyStopping's stop, SingleBatch): this happens in `cleanup_fit`, which a cancel does not skip. When
+    an error ends the fit (KeyboardInterrupt too), the model keeps the weights it had then, so the failure
+    can be inspected, and no file is read while the error propagates; `restore(learn)` loads the best
+    ones afterwards. Each fit starts afresh: `best` and `best_epoch` (0-based) are this fit's.
+    """
 
     def __init__(self, path: str | Path, monitor: str = "valid_loss", mode: str | None = None,
                  min_delta: float = 0.0, load_best: bool = True):
@@ -44,19 +74,36 @@ class SaveBest(_Monitor):
         self.path, self.load_best = Path(path), load_best
         self.best_epoch: int | None = None
 
+    def before_fit(self, learn) -> None:
+        self.best_epoch = None  # first: if the rest fails, an earlier fit's file must not be restored
+        super().before_fit(learn)
+
     def after_epoch(self, learn) -> None:
         value = self.current(learn)
-        if _improved(value, self.best, self.mode, self.min_delta):
+        if self.improved(value):
             self.best, self.best_epoch = value, learn.epoch
             save_weights(learn.model, self.path)
 
-    def after_fit(self, learn) -> None:
-        if self.load_best and self.best_epoch is not None:
-            load_weights(learn.model, self.path)
+    def cleanup_fit(self, learn) -> None:
+        if self.load_best and learn.error is None:
+            self.restore(learn)
+
+    def restore(self, learn) -> bool:
+        """Load the best weights of the latest fit into the model; False when none were saved."""
+        if self.best_epoch is None:
+            return False
+        load_weights(learn.model, self.path)
+        return True
 
 
 class EarlyStopping(_Monitor):
-    """Stop the fit after `patience` epochs without improvement of the monitored metric."""
+    """Stop the fit after `patience` epochs without improvement of the monitored value.
+
+    It runs last at after_epoch (order 100), so every other callback (SaveBest, TensorBoard, ...) has seen
+    the epoch before the stop skips the rest of the fit. Each fit starts afresh (`best`, `wait`).
+    """
+
+    order = 100
 
     def __init__(self, monitor: str = "valid_loss", mode: str | None = None, min_delta: float = 0.0, patience: int = 3):
         super().__init__(monitor, mode, min_delta)
@@ -64,12 +111,12 @@ class EarlyStopping(_Monitor):
         self.stopped_epoch: int | None = None
 
     def before_fit(self, learn) -> None:
-        self.best = math.inf if self.mode == "min" else -math.inf
         self.wait, self.stopped_epoch = 0, None
+        super().before_fit(learn)
 
     def after_epoch(self, learn) -> None:
         value = self.current(learn)
-        if _improved(value, self.best, self.mode, self.min_delta):
+        if self.improved(value):
             self.best, self.wait = value, 0
             return
         self.wait += 1

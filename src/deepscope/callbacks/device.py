@@ -60,7 +60,8 @@ def to_device(batch, device: torch.device, non_blocking: bool = False):
 
 class DeviceCallback(Callback):
     """Moves the model (and in-memory datasets, once) to the device before fitting; moves other batches
-    as they come. `channels_last` stores 4-D image data NHWC, which CPU and GPU convolutions prefer."""
+    as they come. `channels_last` stores 4-D image data NHWC, which CPU and GPU convolutions prefer. It
+    takes part in the LR finder's sweep (the sweep must run where training runs)."""
 
     order = -20
 

@@ -8,6 +8,10 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..callback import Callback
+from ..errors import ConfigError
+
+# The metric used when none is given (made at the first batch, for the classes the model outputs).
+DEFAULT_METRIC = "accuracy"
 
 
 class WeightedMean:
@@ -34,43 +38,73 @@ class MetricsCallback(Callback):
     """Mean training loss, validation loss and validation metrics for each epoch.
 
     `metrics` maps names to torchmetrics `Metric`s (any of them: F1, AUROC, ...); by default, accuracy
-    for the number of classes the model outputs. Records land in `history`, one dict per epoch:
-    `epoch`, `train_loss`, `valid_loss`, `valid_<name>` for each metric, `seconds`.
+    for the number of classes the model outputs. Records land in `history`, one dict per epoch of the
+    latest fit: `epoch`, `train_loss`, `valid_loss`, `valid_<name>` for each metric, with `train_metrics`
+    also `train_<name>` (from copies of the metrics, so validation values never include training
+    batches), and `seconds`. `direction(key)` says whether a key should go up or down. It sits out the LR
+    finder's sweep, so `history` stays the fit's.
     """
 
     order = 10
+    in_lr_sweep = False
 
     def __init__(self, metrics: dict[str, Metric] | None = None, *, train_metrics: bool = False):
         self.metrics = metrics
         self.train_metrics = train_metrics
         self.loss = {"train": WeightedMean(), "valid": WeightedMean()}
+        self._train: dict[str, Metric] = {}  # copies of `metrics` fed with training batches
         self.history: list[dict] = []
         self._started = 0.0
 
     def _ensure_metrics(self, learn) -> None:
         if self.metrics is None:
             n_classes = getattr(learn.dls, "n_classes", None) or learn.preds.shape[-1]
-            self.metrics = {"accuracy": MulticlassAccuracy(n_classes, average="micro", validate_args=False)}
+            self.metrics = {DEFAULT_METRIC: MulticlassAccuracy(n_classes, average="micro", validate_args=False)}
+        if self.train_metrics and self._train.keys() != self.metrics.keys():
+            self._train = {name: m.clone() for name, m in self.metrics.items()}
         device = learn.preds.device
-        for m in self.metrics.values():
+        for m in [*self.metrics.values(), *self._train.values()]:
             if m.device != device:
                 m.to(device)
+
+    def keys(self) -> list[str]:
+        """The keys of an epoch record that can be monitored."""
+        names = list(self.metrics or {DEFAULT_METRIC: None})
+        train = [f"train_{n}" for n in names] if self.train_metrics else []
+        return ["train_loss", "valid_loss", *[f"valid_{n}" for n in names], *train]
+
+    def direction(self, key: str) -> tuple[str | None, str]:
+        """("min" | "max" | None, why) for a record key: a loss is minimised; a metric goes the way its
+        torchmetrics class's `higher_is_better` says (None when it does not say). Unknown keys are errors."""
+        if key in ("train_loss", "valid_loss"):
+            return "min", "a loss"
+        metrics = self.metrics if self.metrics is not None else {DEFAULT_METRIC: MulticlassAccuracy}
+        for split in ("valid", "train") if self.train_metrics else ("valid",):
+            for name, metric in metrics.items():
+                if key == f"{split}_{name}":
+                    kind = metric.__name__ if isinstance(metric, type) else type(metric).__name__
+                    better = metric.higher_is_better
+                    if better is None:
+                        return None, f"torchmetrics {kind} does not say whether higher is better"
+                    return ("max" if better else "min"), f"from torchmetrics {kind}"
+        raise ConfigError(f"the epoch record will hold no {key!r}; it holds {self.keys()} (a metric named <name> "
+                          f"in MetricsCallback(metrics=...) appears as valid_<name>)")
 
     def before_fit(self, learn) -> None:
         self.history = []
 
     def before_epoch(self, learn) -> None:
         self._started = time.perf_counter()
-        for m in [*self.loss.values(), *(self.metrics or {}).values()]:
+        for m in [*self.loss.values(), *(self.metrics or {}).values(), *self._train.values()]:
             m.reset()
 
     def after_loss(self, learn) -> None:
         self._ensure_metrics(learn)
         split = "train" if learn.training else "valid"
         self.loss[split].update(learn.loss.detach(), weight=len(learn.yb))
-        if not learn.training or self.train_metrics:
-            for metric in self.metrics.values():
-                metric.update(learn.preds.detach(), learn.yb)
+        metrics = self._train if learn.training else self.metrics
+        for metric in metrics.values():
+            metric.update(learn.preds.detach(), learn.yb)
 
     def after_epoch(self, learn) -> None:
         record: dict = {"epoch": learn.epoch + 1}
@@ -78,5 +112,7 @@ class MetricsCallback(Callback):
             record[f"{split}_loss"] = metric.compute()
         for name, metric in (self.metrics or {}).items():
             record[f"valid_{name}"] = float(metric.compute()) if metric.update_called else None
+        for name, metric in self._train.items():
+            record[f"train_{name}"] = float(metric.compute()) if metric.update_called else None
         record["seconds"] = time.perf_counter() - self._started
         self.history.append(record)

@@ -36,6 +36,7 @@ class ProgressCallback(Callback):
     prints one table row from the MetricsCallback. `bars=None` shows bars only on a terminal/notebook."""
 
     order = 30
+    in_lr_sweep = False
 
     def __init__(self, bars: bool | None = None, table: bool = True, plot: bool | None = None,
                  refresh_every: int = 20, file=None, mininterval: float = 0.1, display=None):

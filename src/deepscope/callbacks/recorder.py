@@ -8,9 +8,11 @@ from ..callback import Callback
 
 class Recorder(Callback):
     """Records the training loss and the learning rate (and momentum, where the optimizer has one) at
-    every training batch. Losses stay on the device until the fit ends (no sync per step)."""
+    every training batch of the latest fit. Losses stay on the device until the fit ends (no sync per
+    step). It sits out the LR finder's sweep, so what it holds is the fit's."""
 
     order = 15
+    in_lr_sweep = False
 
     def __init__(self):
         self.losses: list[float] = []

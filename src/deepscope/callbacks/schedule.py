@@ -8,6 +8,7 @@ import math
 from typing import Callable
 
 from ..callback import Callback
+from ..errors import ConfigError
 
 Schedule = Callable[[float], float]  # fraction of training done, in [0, 1] -> value
 
@@ -61,27 +62,35 @@ def _set_hyper(group: dict, name: str, value: float) -> None:
 class ParamScheduler(Callback):
     """Set optimizer hyper-parameters before each training batch from schedules of training progress.
 
-    `scheds` maps a hyper-parameter name (`lr`, `momentum`, `weight_decay`, ...) to a Schedule. The
-    original values are restored when the fit ends, so a schedule never leaks into the next fit.
+    `scheds` maps a hyper-parameter name (`lr`, `momentum`, `weight_decay`, ...) to a Schedule. Training
+    progress is `train_iter / (n_epochs * learn.iters_per_epoch)`: the batches the fit will run, which
+    LimitBatches lowers, so a shortened run still warms up and anneals completely. Data of unknown length
+    needs LimitBatches(train=N) to say how many batches an epoch holds. The original values are restored
+    when the fit ends, so a schedule never leaks into the next fit. It sits out the LR finder's sweep.
     """
 
-    order = 5
+    order = 5  # after LimitBatches (-10) has set learn.iters_per_epoch
+    in_lr_sweep = False
 
     def __init__(self, scheds: dict[str, Schedule]):
         self.scheds = scheds
         self._saved: list[dict] = []
 
     def before_fit(self, learn) -> None:
+        self._saved = []  # first: if this fails, cleanup_fit must not restore an earlier fit's values
+        if not learn.iters_per_epoch:
+            raise ConfigError(f"{self.name} plans its schedule over the fit's training batches, but the training "
+                              f"data has no length: give it a __len__, or say how many batches an epoch holds "
+                              f"with LimitBatches(train=N)")
         group = learn.opt.param_groups[0]
         self._active = {k: f for k, f in self.scheds.items() if k != "momentum" or has_momentum(group)}
-        self._total = learn.n_epochs * (len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 0)
+        self._total = learn.n_epochs * learn.iters_per_epoch
         self._saved = [{k: g.get(k, g.get("betas")) for k in self._active} for g in learn.opt.param_groups]
 
     def before_batch(self, learn) -> None:
         if not learn.training:
             return
-        total = self._total or 1
-        pct = min(learn.train_iter / total, 1.0)
+        pct = min(learn.train_iter / self._total, 1.0)
         for group in learn.opt.param_groups:
             for name, schedule in self._active.items():
                 _set_hyper(group, name, schedule(pct))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..callbacks import Recorder
+from ..callbacks import MetricsCallback, Recorder
 from ..stats import ActivationStats
 from .analyse import analyse_probe
 from .finding import Finding, merge_findings
@@ -24,9 +24,14 @@ class Diagnose(Probe):
 
     At each epoch end it also analyses the whole history of the fit: the statistics of an `ActivationStats`
     callback and the losses of a `Recorder`, when the learner has them (read once per epoch, never per step).
-    Those findings are recomputed from the full history each time, so they describe the fit so far."""
+    Those findings are recomputed from the full history each time, so they describe the fit so far.
+
+    A step that float16 MixedPrecision's scaler skips (`learn.skip_step`: its gradients overflowed) is not
+    checked for non-finite gradients or update ratios: the overflow is the scaler's, not the model's. It
+    sits out the LR finder's sweep, whose diverging steps would otherwise read as problems of the fit."""
 
     order = 30
+    in_lr_sweep = False
 
     def __init__(self, every: int = DIAGNOSE_EVERY, save_dir: str | Path | None = None):
         super().__init__(every, stop_on_nonfinite=False, save_dir=save_dir)
@@ -46,6 +51,12 @@ class Diagnose(Probe):
             # Once per fit: the pre-flight checks on this model and its first batch (eval mode, no grad).
             self._setup = inspect_setup(learn.model, batch[0], batch[1], learn.loss_func, learn.dl)
         super().before_batch(learn)
+
+    def after_backward(self, learn) -> None:
+        if learn.skip_step:
+            self.where, self._before = "step", None  # nothing to check, and no update to measure
+            return
+        super().after_backward(learn)
 
     def after_epoch(self, learn) -> None:
         self._history = self.history_findings(learn)
@@ -68,7 +79,9 @@ class Diagnose(Probe):
             if stats is not None:
                 modules, steps, act_std, act_dead = stats.modules, stats.steps, stats.act_std, stats.act_dead
         losses = recorder.losses if recorder is not None else []
-        return analyse_history(modules, steps, act_std, act_dead, losses, self._n_classes(learn))
+        metrics = learn.get_cb(MetricsCallback)
+        valid_losses = [r.get("valid_loss") for r in metrics.history] if metrics is not None else []
+        return analyse_history(modules, steps, act_std, act_dead, losses, self._n_classes(learn), valid_losses)
 
     def _n_classes(self, learn) -> int | None:
         """Classes of a classifier trained with cross-entropy/NLL (chance loss is ln of it), else None."""

@@ -59,9 +59,14 @@ class ActivationStats(Callback):
     every module owning parameters: weight norm, gradient norm and update-to-weight ratio. History keeps
     the last `recent` rows exactly and merges older ones, at most `max_rows` in all. Hooks exist from
     `before_fit` to `cleanup_fit` (or `remove()`).
+
+    Gradients are the true ones: under float16 MixedPrecision the hooks see output gradients multiplied
+    by `learn.loss_scale`, and their sums and norms are divided by it. A step the scaler skips
+    (`learn.skip_step`) records activations but no gradient or parameter statistics (NaN: not measured).
     """
 
     order = 5  # after DeviceCallback (-20) has put the model on its device
+    in_lr_sweep = False  # the sweep's steps are not the fit's: its history must stay the fit's
 
     def __init__(self, modules: ModuleSpec = None, *, every: int = 1, train: bool = True, valid: bool = False,
                  dead_threshold: float = DEAD_THRESHOLD, hist_bins: int = 40, hist_range: tuple = (0.0, 10.0),
@@ -87,6 +92,7 @@ class ActivationStats(Callback):
         self._pending = 0                  # recorded steps not yet summarised (see _summarise)
         self._sample: SampleBlock | None = None
         self._split = "train"
+        self._scaled_rows = False          # rows hold gradients multiplied by a loss scale (see after_loss)
 
     # --- set-up and tear-down ------------------------------------------------------------------------
     def _select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -123,6 +129,8 @@ class ActivationStats(Callback):
                                        dead_threshold=self.dead_threshold, hist_range=self.hist_range,
                                        bins=self.hist_bins)
         self._rows, self._stores = {}, {}
+        # 1 / loss scale of each train row's step (see after_loss); applied to the gradient rows at _flush
+        self._grad_unscale, self._scaled_rows = torch.ones(self.flush_every, device=device), False
         for split, fields in (("train", ACT_FIELDS + GRAD_FIELDS + PARAM_FIELDS), ("valid", ACT_FIELDS)):
             self._rows[split] = DeviceRows(self.flush_every, M, self.hist_bins, P, device, sample_size=self.subsample)
             self._stores[split] = HistoryStore({k: MERGE[k] for k in fields}, std_of=STD_OF,
@@ -197,12 +205,23 @@ class ActivationStats(Callback):
         rows.numel[r, j] = g.numel()
         gradient_stats(g, rows.tensors[r, j])
 
+    def after_loss(self, learn) -> None:
+        if self._row is not None and learn.training and learn.loss_scale is not None:
+            # The backward pass multiplies every gradient by the loss scale (float16 MixedPrecision): the
+            # output-gradient sums and norms of this row are divided by it at _flush, on the device.
+            self._grad_unscale[self._row].copy_(learn.loss_scale.reciprocal())
+            self._scaled_rows = True
+
     def after_backward(self, learn) -> None:
-        if self._row is not None:
+        if self._row is None:
+            return
+        if learn.skip_step:  # a float16 overflow the scaler skips: no gradient statistics, no update to measure
+            self._rows["train"].numel[self._row, len(self.modules):] = 0  # read back as NaN, "not measured"
+        else:
             self._tracker.before_step()
 
     def after_step(self, learn) -> None:
-        if self._row is not None:
+        if self._row is not None and not learn.skip_step:
             self._tracker.after_step(self._pending - 1)
 
     def cleanup_batch(self, learn) -> None:
@@ -232,6 +251,11 @@ class ActivationStats(Callback):
     def _flush(self) -> None:
         """Move the filled device rows into the host history (one read-back per split)."""
         self._summarise()
+        if self._scaled_rows:  # sums and norms scale linearly: divide those of the output gradients
+            train = self._rows["train"]
+            train.tensors[:train.n, len(self.modules):, :2].mul_(self._grad_unscale[:train.n, None, None])
+            self._grad_unscale.fill_(1.0)
+            self._scaled_rows = False
         for split, rows in self._rows.items():
             if rows.n:
                 steps, fields = rows.read()

@@ -116,7 +116,10 @@ class SampleBlock:
                 slot[n:].zero_()
             self._filled[k][i] = n
             if i < self.n_activations:               # an activation: its zeros must not count as min or max
-                torch.aminmax(x, out=(self._extremes[0, k, i], self._extremes[1, k, i]))
+                if x.dtype == self._extremes.dtype:
+                    torch.aminmax(x, out=(self._extremes[0, k, i], self._extremes[1, k, i]))
+                else:  # a float16/bfloat16 output under autocast: aminmax writes only its own dtype
+                    self._extremes[:, k, i].copy_(torch.stack(torch.aminmax(x)))
                 self._whole.append((k, i))
             return n, n
         lattice = self._lattices.get(n)
