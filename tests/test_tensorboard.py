@@ -107,3 +107,22 @@ def test_missing_tensorboard_is_a_config_error(tmp_path, monkeypatch):
 def test_every_must_be_positive(tmp_path):
     with pytest.raises(ConfigError):
         TensorBoardCallback(tmp_path, every=0)
+
+
+def test_a_log_that_cannot_be_written_stops_logging_not_training(tmp_path, capsys):
+    from torch import nn
+
+    from deepscope import Learner
+    from deepscope.callbacks import MetricsCallback
+    from deepscope.data import DataLoaders
+    from deepscope.tensorboard import TensorBoardCallback
+
+    (tmp_path / "a-file").write_text("in the way")
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    tb = TensorBoardCallback(tmp_path / "a-file" / "tb", every=1)
+    learn = Learner(nn.Linear(4, 2), DataLoaders(batches, batches[:1]), cbs=[MetricsCallback(), tb])
+    learn.fit(2)
+    assert isinstance(tb.failed, OSError)
+    assert "TensorBoard logging stopped" in capsys.readouterr().err
+    assert len(learn.get_cb(MetricsCallback).history) == 2, "training went on"

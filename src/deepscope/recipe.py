@@ -139,6 +139,10 @@ def train(config: TrainConfig, *, progress: bool = True, quiet: bool = False, ov
     deepscope.runfolder), DataError/ConfigError for bad data or options. A run that trains to a
     non-finite loss is still written, and its `problem` says so."""
     started = time.perf_counter()
+    if config.tensorboard:
+        from .tensorboard import _summary_writer_class
+
+        _summary_writer_class()  # a missing tensorboard package stops the run before the data is read
     with RunFolder.prepare(config.out, "train", overwrite=overwrite) as run:
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -159,6 +163,11 @@ def train(config: TrainConfig, *, progress: bool = True, quiet: bool = False, ov
         save_findings(run.file(FINDINGS), findings)
         if learn.get_cb(ActivationStats) is not None:
             learn.get_cb(ActivationStats).save(run.file(STATS))
+        if config.tensorboard:
+            from .tensorboard import TensorBoardCallback
+
+            if learn.get_cb(TensorBoardCallback).failed is not None:
+                run.failed_optional.append("TensorBoard log")  # the run is kept; the log stopped early
         from .report import write_report
 
         run.optional("report", lambda: write_report(run.path))

@@ -7,6 +7,7 @@ starts, so importing deepscope never needs it.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from .callback import Callback
@@ -55,20 +56,55 @@ class TensorBoardCallback(Callback):
             raise ConfigError(f"every must be a positive number of steps, got {every}")
         self.log_dir, self.stats, self.every, self.histograms = Path(log_dir), stats, every, histograms
         self.writer = None
+        self.failed: Exception | None = None  # the error that stopped the logging, if one did
 
     def _stats_cb(self, learn):
         return self.stats if self.stats is not None else learn.get_cb(ActivationStats)
 
+    def _give_up(self, error: Exception) -> None:
+        """A log that cannot be written (full disk, permissions) must not cost the training: stop logging,
+        keep the error in `failed` and say so once."""
+        self.failed = error
+        print(f"deepscope: warning: TensorBoard logging stopped ({type(error).__name__}: {error}); training goes on",
+              file=sys.stderr)
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except Exception:  # noqa: BLE001 - closing a broken writer may fail the same way
+            pass
+        self.writer = None
+
     def before_fit(self, learn) -> None:
-        self.writer = _summary_writer_class()(log_dir=str(self.log_dir))
+        writer_class = _summary_writer_class()  # a missing package is a ConfigError, not a silent skip
+        self.failed = None
+        try:
+            self.writer = writer_class(log_dir=str(self.log_dir))
+        except OSError as e:
+            self._give_up(e)
 
     def after_batch(self, learn) -> None:
+        if self.writer is None:
+            return
+        try:
+            self._log_batch(learn)
+        except OSError as e:
+            self._give_up(e)
+
+    def after_epoch(self, learn) -> None:
+        if self.writer is None:
+            return
+        try:
+            self._log_epoch(learn)
+        except OSError as e:
+            self._give_up(e)
+
+    def _log_batch(self, learn) -> None:
         step = learn.train_iter  # index of this training batch in the fit (counted up after the batch)
         if learn.training and step % self.every == 0:
             self.writer.add_scalar("train/loss", learn.loss.item(), step)
             self.writer.add_scalar("train/lr", learn.lr, step)
 
-    def after_epoch(self, learn) -> None:
+    def _log_epoch(self, learn) -> None:
         epoch = learn.epoch + 1
         metrics = learn.get_cb(MetricsCallback)
         if metrics is not None and metrics.history:
@@ -87,5 +123,8 @@ class TensorBoardCallback(Callback):
 
     def cleanup_fit(self, learn) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:
+                self._give_up(e)
             self.writer = None
