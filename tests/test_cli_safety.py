@@ -161,6 +161,7 @@ def test_a_failed_report_keeps_the_finished_run(data, tmp_path):
     (["--device", "tpu"], "device"),
     (["--lr", "inf"], "finite"), (["--lr", "nan"], "finite"), (["--weight-decay", "nan"], "finite"),
     (["--weight-decay", "-1"], "0 or positive"), (["--lr", "1e400"], "finite"),
+    (["--threads", "99999"], "CPU core"), (["--threads", "0"], "positive"),
 ])
 def test_bad_options_stop_before_the_data_is_read(args, message, tmp_path, capsys):
     if args[:2] == ["--device", "cuda"] or args[:2] == ["--device", "cuda:7"]:

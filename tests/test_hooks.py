@@ -164,3 +164,30 @@ def test_hooks_owned_by_a_callback_are_removed_when_fit_fails():
     with pytest.raises(Exception, match="boom"):
         learn.fit(1)
     assert no_hooks_left(model)
+
+
+class Squash(nn.ReLU):  # a subclass of a torch activation, named nothing like one
+    pass
+
+
+class SquaredReLU(nn.Module):  # a user's own activation: no type names it
+    def forward(self, x):
+        return torch.relu(x) ** 2
+
+
+def test_default_selection_finds_activations_by_type():
+    from deepscope.hooks import ACTIVATION_TYPES
+    from deepscope.layers import GeneralRelu
+
+    class Leaky(GeneralRelu):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), Squash(), Leaky(0.1, 0.4), GeneralRelu(), nn.Softmax(dim=1), nn.Identity())
+    assert [n for n, _ in select_modules(model)] == ["0", "1", "2", "3", "4"]  # not the Identity
+    assert nn.MultiheadAttention not in ACTIVATION_TYPES  # defined beside torch's activations, but is attention
+
+
+def test_default_selection_falls_back_to_names_for_a_users_own_activation():
+    model = nn.Sequential(nn.Linear(4, 4), SquaredReLU(), nn.Identity())
+    model.add_module("act", nn.Identity())  # the attribute names its role
+    assert [n for n, _ in select_modules(model)] == ["0", "1", "act"]

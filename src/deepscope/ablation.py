@@ -1,16 +1,22 @@
 """Ablation: train a grid of small CNNs (norm x batch size, plus init/activation variants) on a fixed
 budget each and compare test accuracy, final training loss and the fraction of dead activations.
 
-Each run is capped by steps (`max_batches`) *and* by time (`budget_seconds`), whichever comes first, so
-the whole grid has a known cost. That is a compute budget, not a data budget: at equal steps a batch of 2
-sees 128x fewer images than a batch of 256, and at equal time a slow norm layer gets fewer steps. The
-table reports `steps` and `seconds` so these differences can be read, not hidden.
+Every run trains for exactly `max_batches` steps, on every machine: the budget is counted in steps, never
+in time, so a busy machine makes the grid slower but never changes its table (a time cap did: with 8 s per
+run, batch 256 without norm scored 79.0% on a loaded machine and 84.2% on a quiet one). The wall time is
+measured and reported in the `seconds` column beside the result; it takes no part in it.
+
+Steps, not samples: at equal steps a batch of 2 sees 128x fewer images than a batch of 256 (the `samples`
+column says how many each run saw). A budget of equal samples would instead give the big batches a
+handful of updates, or, at an affordable cost on a CPU, give batch 2 tens of thousands of them. Within
+one batch size, which is where the norms are compared, steps and samples are the same budget.
 """
 from __future__ import annotations
 
 import csv
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +27,7 @@ from torch import nn
 
 from .callback import Callback, CancelFitException
 from .errors import ConfigError
-from .hooks import Hooks, select_modules
+from .hooks import ACTIVATION_TYPES, Hooks, select_modules
 
 DEFAULT_NORMS = ("none", "batch", "layer", "instance", "group", "running_batch")
 DEFAULT_BATCH_SIZES = (2, 16, 256)
@@ -40,45 +46,86 @@ FINAL_LOSS_WINDOW = 20  # "final train loss" = mean of the last N batch losses (
 # sits on its off side (input <= 0). For ReLU that is an exact zero; for GeneralRelu (leak 0.1, sub 0.4)
 # it is <= -0.4, where the unit passes only a 0.1-slope gradient.
 DEAD_MARGIN = 0.0
-CSV_COLUMNS = ("norm", "batch_size", "init", "act", "seed", "accuracy", "train_loss", "dead_fraction", "seconds", "steps")
+CSV_COLUMNS = ("norm", "batch_size", "init", "act", "seed", "accuracy", "train_loss", "dead_fraction", "steps",
+               "samples", "seconds")
+
+
+# --- the grid ------------------------------------------------------------------------------------------
+# Each list of the grid is checked on its own, so the CLI can name the option at fault while parsing.
+def _names_list(what: str, values) -> list:
+    """`values` as a list: not a bare string (whose letters would be read as names), not empty, no repeats."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ConfigError(f"{what}s must be a list, got {values!r}")
+    values = list(values)
+    if not values:
+        raise ConfigError(f"the grid needs at least one {what}; an empty list would run nothing")
+    repeated = [v for v, n in Counter(map(str, values)).items() if n > 1]
+    if repeated:
+        raise ConfigError(f"{what} {repeated[0]} is listed more than once in the grid")
+    return values
+
+
+def check_norms(norms) -> list[str]:
+    from .norms import NORM_KINDS
+
+    norms = _names_list("norm", norms)
+    for norm in norms:
+        if norm not in NORM_KINDS:
+            raise ConfigError(f"unknown norm {norm!r} in the grid; choose from {list(NORM_KINDS)}")
+    return norms
+
+
+def check_batch_sizes(batch_sizes) -> list[int]:
+    batch_sizes = _names_list("batch size", batch_sizes)
+    for bs in batch_sizes:
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0:
+            raise ConfigError(f"batch size {bs!r} in the grid must be a positive whole number")
+    return batch_sizes
+
+
+def check_variants(variants) -> list[str]:
+    from .models import ACTIVATIONS
+
+    variants = _names_list("variant", variants)
+    acts = (*ACTIVATIONS, "general_relu")
+    for v in variants:
+        init, _, act = v.partition("-") if isinstance(v, str) else (v, "", "")
+        if init not in INITS or act not in acts:
+            raise ConfigError(f"variant {v!r} must be INIT-ACT with INIT in {INITS} and ACT in {acts}")
+    return variants
 
 
 @dataclass
 class AblationGrid:
+    """What to train. Every list must be non-empty and without repeats; a bad value is a ConfigError."""
+
     norms: Sequence[str] = DEFAULT_NORMS
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES
-    variants: Sequence[str] = DEFAULT_VARIANTS
-    seeds: int = 1
-    budget_seconds: float = 8.0  # per run
-    max_batches: int = 500  # per run
+    variants: Sequence[str] = DEFAULT_VARIANTS  # INIT-ACT; the first runs with every norm, the rest on norm none
+    seeds: int = 1  # runs of each configuration, seeds 0..seeds-1
+    max_batches: int = 500  # training steps per run: the whole budget, the same on every machine
     lr: float = DEFAULT_LR
     nfs: Sequence[int] = field(default_factory=lambda: list(DEFAULT_NFS))
 
     def __post_init__(self) -> None:
-        from .models import ACTIVATIONS
-        from .norms import NORM_KINDS
-
-        for norm in self.norms:
-            if norm not in NORM_KINDS:
-                raise ConfigError(f"unknown norm {norm!r} in the grid; choose from {list(NORM_KINDS)}")
-        for bs in self.batch_sizes:
-            if not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0:
-                raise ConfigError(f"batch size {bs!r} in the grid must be a positive whole number")
-        acts = (*ACTIVATIONS, "general_relu")
-        for v in self.variants:
-            init, _, act = v.partition("-")
-            if init not in INITS or act not in acts:
-                raise ConfigError(f"variant {v!r} must be INIT-ACT with INIT in {INITS} and ACT in {acts}")
+        self.norms = check_norms(self.norms)
+        self.batch_sizes = check_batch_sizes(self.batch_sizes)
+        self.variants = check_variants(self.variants)
         for name in ("seeds", "max_batches"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
-        if not self.budget_seconds > 0:
-            raise ConfigError(f"budget seconds must be positive, got {self.budget_seconds}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be a positive whole number, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        nfs = list(self.nfs) if not isinstance(self.nfs, (str, bytes)) and hasattr(self.nfs, "__iter__") else []
+        if not nfs or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in nfs):
+            raise ConfigError(f"nfs must be a non-empty list of positive channel counts, got {self.nfs!r}")
+        self.nfs = nfs
 
     def runs(self) -> list[tuple[str, int, str, str, int]]:
         """(norm, batch_size, init, act, seed) for every run: each norm with the base variant, and the
-        other variants on the no-norm CNN."""
-        base = self.variants[0] if self.variants else BASE_VARIANT
+        other variants on the no-norm CNN (skipped when norm none is not in the grid)."""
+        base = self.variants[0]
         combos = [(n, base) for n in self.norms]
         combos += [(VARIANT_NORM, v) for v in self.variants[1:] if VARIANT_NORM in self.norms]
         return [(norm, bs, *variant.split("-", 1), seed) for seed in range(self.seeds)
@@ -98,8 +145,9 @@ def activation_floor(act: nn.Module) -> float:
 
 
 def measure_dead(model: nn.Module, xb: torch.Tensor, margin: float = DEAD_MARGIN) -> float:
-    """Dead fraction over all activation outputs of `model` on `xb` (eval mode), via forward hooks."""
-    acts = [(name, m) for name, m in select_modules(model) if name.rsplit(".", 1)[-1] == "act"]
+    """Dead fraction over all activation outputs of `model` on `xb` (eval mode), via forward hooks.
+    Activations are found by type (torch's and deepscope's), whatever the attribute holding them is called."""
+    acts = select_modules(model, types=ACTIVATION_TYPES)
     floors = {m: activation_floor(m) for _, m in acts}  # before the hooks exist (calling m would re-enter them)
     dead, total = [0.0], [0]
 
@@ -120,21 +168,20 @@ def measure_dead(model: nn.Module, xb: torch.Tensor, margin: float = DEAD_MARGIN
 
 # --- one run -------------------------------------------------------------------------------------------
 class Budget(Callback):
-    """Stop the fit after `max_batches` training batches or `seconds` of training, whichever first."""
+    """Stop the fit after `max_batches` training batches. Counted in steps only, never in time, so that
+    a run trains the same on a busy machine as on a quiet one."""
 
     order = 40
 
-    def __init__(self, max_batches: int, seconds: float):
-        self.max_batches, self.seconds = max_batches, seconds
-        self.steps, self.elapsed, self._start = 0, 0.0, 0.0
+    def __init__(self, max_batches: int):
+        self.max_batches, self.steps = max_batches, 0
 
     def before_fit(self, learn) -> None:
-        self.steps, self._start = 0, time.perf_counter()
+        self.steps = 0
 
     def after_batch(self, learn) -> None:
         self.steps += 1
-        self.elapsed = time.perf_counter() - self._start
-        if self.steps >= self.max_batches or self.elapsed >= self.seconds:
+        if self.steps >= self.max_batches:
             raise CancelFitException()
 
 
@@ -145,21 +192,30 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 500) 
     return correct / len(x)
 
 
+def _check_fits(data, bs: int) -> None:
+    """Runs drop the last incomplete batch, so a batch larger than the training set would train on nothing."""
+    if bs > len(data.train.x):
+        raise ConfigError(f"batch size {bs} is larger than the {len(data.train.x)} training images: "
+                          f"the run would train on nothing")
+
+
 def run_one(data, norm: str, bs: int, init: str, act: str, seed: int, grid: AblationGrid, device: str = "cpu") -> dict:
-    """Train one configuration on `data` (a DataLoaders) within the budget; return its CSV row."""
+    """Train one configuration on `data` (a DataLoaders) for `grid.max_batches` steps; return its CSV row.
+    `seconds` is the wall time of the training, reported beside the result: nothing depends on it."""
     from .callbacks import Recorder
     from .config import TrainConfig
     from .data import DataLoaders, TensorBatches
     from .recipe import build_learner
     from .seed import set_seed
 
+    _check_fits(data, bs)
     config = TrainConfig(norm=norm, batch_size=bs, init=init, act=act, seed=seed, lr=grid.lr, schedule="constant",
                          nfs=list(grid.nfs), device=device, stats=False)
     set_seed(seed)
     train = TensorBatches(data.train.x, data.train.y, bs, shuffle=True, drop_last=True,
                           generator=torch.Generator().manual_seed(seed))
     dls = DataLoaders(train, None, data.n_classes, data.classes, data.info)
-    budget = Budget(grid.max_batches, grid.budget_seconds)
+    budget = Budget(grid.max_batches)
     learn = build_learner(config, dls, extra_cbs=[budget], progress=False)
     started = time.perf_counter()
     learn.fit(max(1, math.ceil(grid.max_batches / max(len(train), 1))), valid=False)
@@ -171,10 +227,12 @@ def run_one(data, norm: str, bs: int, init: str, act: str, seed: int, grid: Abla
             "accuracy": accuracy(learn.model, x_eval.to(model_device), y_eval.to(model_device)),
             "train_loss": float(np.mean(losses[-FINAL_LOSS_WINDOW:])) if losses else float("nan"),
             "dead_fraction": measure_dead(learn.model, x_eval[:DEAD_BATCH].to(model_device)),
-            "seconds": seconds, "steps": budget.steps}
+            "steps": budget.steps, "samples": budget.steps * bs, "seconds": seconds}
 
 
 def run_grid(data, grid: AblationGrid, device: str = "cpu", log=print) -> list[dict]:
+    for bs in grid.batch_sizes:
+        _check_fits(data, bs)  # before the first run, not half-way through the grid
     rows = []
     runs = grid.runs()
     for k, (norm, bs, init, act, seed) in enumerate(runs, 1):
@@ -206,37 +264,45 @@ def summarise(rows: list[dict]) -> list[dict]:
         out.append({"norm": norm, "batch_size": bs, "init": init, "act": act, "seeds": len(rs),
                     "accuracy": mean("accuracy"), "accuracy_std": float(np.std(acc)) if len(rs) > 1 else None,
                     "train_loss": mean("train_loss"), "dead_fraction": mean("dead_fraction"),
-                    "steps": mean("steps"), "seconds": mean("seconds")})
+                    "steps": mean("steps"), "samples": mean("samples"), "seconds": mean("seconds")})
     return out
 
 
 def markdown_table(summary: list[dict]) -> str:
-    head = "| norm | batch size | init | act | seeds | accuracy | final train loss | dead fraction | steps | seconds |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| norm | batch size | init | act | seeds | accuracy | final train loss | dead fraction | steps | samples "
+            "| seconds |")
+    lines = [head, "|" + "---|" * 11]
     for s in summary:
         acc = f"{100 * s['accuracy']:.1f}%" + (f" ± {100 * s['accuracy_std']:.1f}" if s["accuracy_std"] is not None else "")
         lines.append(f"| {s['norm']} | {s['batch_size']} | {s['init']} | {s['act']} | {s['seeds']} | {acc} | "
-                     f"{s['train_loss']:.3f} | {s['dead_fraction']:.2f} | {s['steps']:.0f} | {s['seconds']:.1f} |")
+                     f"{s['train_loss']:.3f} | {s['dead_fraction']:.2f} | {s['steps']:.0f} | {s['samples']:.0f} | "
+                     f"{s['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
+def _config_label(s: dict) -> str:
+    """A bar group's name: the norm, with the init and the activation below it for a variant (one line each,
+    so neighbouring labels do not overlap)."""
+    variant = f"{s['init']}-{s['act']}"
+    return s["norm"] if variant == BASE_VARIANT else f"{s['norm']}\n{s['init']}\n{s['act']}"
+
+
 def plot_ablation(summary: list[dict], ax=None):
-    """Accuracy per configuration (norm, or norm/init-act for variants), one bar per batch size."""
+    """Accuracy per configuration (norm, or norm/init-act for variants), one bar per batch size. Names are
+    drawn literally (`plots.LITERAL`), whatever characters they hold."""
     import matplotlib.pyplot as plt
 
-    from . import plots  # noqa: F401  (selects a headless backend where there is no display)
+    from .plots import LITERAL, literal
 
     fig, ax = plt.subplots(figsize=(10, 4)) if ax is None else (ax.figure, ax)
-    labels = list(dict.fromkeys(s["norm"] if f"{s['init']}-{s['act']}" == BASE_VARIANT else
-                                f"{s['norm']}\n{s['init']}-{s['act']}" for s in summary))
+    labels = list(dict.fromkeys(_config_label(s) for s in summary))
     sizes = sorted({s["batch_size"] for s in summary})
     width = 0.8 / max(len(sizes), 1)
     for k, bs in enumerate(sizes):
-        acc = {(s["norm"] if f"{s['init']}-{s['act']}" == BASE_VARIANT else f"{s['norm']}\n{s['init']}-{s['act']}"):
-               s["accuracy"] for s in summary if s["batch_size"] == bs}
+        acc = {_config_label(s): s["accuracy"] for s in summary if s["batch_size"] == bs}
         xs = [i + (k - (len(sizes) - 1) / 2) * width for i in range(len(labels))]
         ax.bar(xs, [acc.get(lab, np.nan) for lab in labels], width, label=f"batch size {bs}")
-    ax.set_xticks(range(len(labels)), labels, fontsize="small")
+    ax.set_xticks(range(len(labels)), labels, fontsize="small", **LITERAL)
     ax.set(ylabel="test accuracy", ylim=(0, 1), title="ablation: accuracy per normalisation, grouped by batch size")
-    ax.legend(fontsize="small")
+    literal(*ax.legend(fontsize="small").get_texts())
     return fig

@@ -75,6 +75,10 @@ class TrainConfig:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
         if not self.nfs:
             raise ConfigError("nfs needs at least one number of channels, e.g. [16, 32, 64, 128]")
+        cores = _cpu_count()
+        if self.threads is not None and self.threads > cores:
+            raise ConfigError(f"threads must be at most {cores}, the CPU cores this process may use, got {self.threads} "
+                              f"(more threads than cores only makes them wait for each other)")
         from .callbacks.device import check_device
 
         if self.device != "auto":
@@ -90,6 +94,16 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
+
+
+def _cpu_count() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells it, else all of them)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _check(value, hint) -> bool:

@@ -18,21 +18,30 @@ import fnmatch
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.modules.activation as torch_activations
 from torch import nn
+
+from .layers import GeneralRelu
 
 HookFn = Callable[..., None]
 NamedModules = Sequence[tuple[str, nn.Module]]
 
 # Normalisation layers: parameter-free ones (affine=False) are still worth watching.
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+# Activation layers, by type: every class torch lists in torch.nn.modules.activation (MultiheadAttention
+# lives there too but is attention) and deepscope's own, subclasses included.
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    *(getattr(torch_activations, n) for n in torch_activations.__all__ if n != "MultiheadAttention"), GeneralRelu)
 _ACTIVATION_ATTR_NAMES = ("act", "activation", "relu", "nonlin")
 
 
 def _is_activation(name: str, module: nn.Module) -> bool:
-    """torch's activation modules, plus hand-written ones (e.g. GeneralRelu) by class or attribute name."""
-    if type(module).__module__ == "torch.nn.modules.activation":
+    """An activation by type (`ACTIVATION_TYPES`); failing that, a user's own activation class, which no type
+    can name, recognised by the attribute holding it or by "relu" in its class name. Only the default
+    selection asks, so a wrong guess costs one watched module too many or too few, never a wrong result."""
+    if isinstance(module, ACTIVATION_TYPES):
         return True
-    return "relu" in type(module).__name__.lower() or name.rsplit(".", 1)[-1] in _ACTIVATION_ATTR_NAMES
+    return name.rsplit(".", 1)[-1] in _ACTIVATION_ATTR_NAMES or "relu" in type(module).__name__.lower()
 
 
 def _default_choice(name: str, module: nn.Module) -> bool:

@@ -1,5 +1,14 @@
-"""Plots with matplotlib. Every function takes `ax=None`, returns the figure and never calls `plt.show()`,
-so it works inline in Jupyter and headless (saved to PNG)."""
+"""Plots with matplotlib. Every function takes `ax=None`, returns the figure and never calls `plt.show()`.
+
+Importing this module changes nothing in matplotlib: the backend is whatever the user (or matplotlib's own
+choice: Agg when there is no display) made it, so `plt.show()` and Jupyter's inline display work as usual.
+Figures are made through pyplot when no `ax` is given, and `save_png` / `figure_to_png` write a PNG with
+any backend (matplotlib prints PNG through Agg whatever the screen backend is), so the CLI and the report
+save plots headless without choosing a backend.
+
+Text that comes from the user's data (module names, metric and suggestion names, titles and labels passed
+in) is drawn literally, see `LITERAL`.
+"""
 from __future__ import annotations
 
 import base64
@@ -7,12 +16,21 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "widget", "ipympl")) else None
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+# Text properties that draw a string exactly as given. By default matplotlib reads the text between two
+# "$" as mathtext ("x$y$z" comes out as an italic "xyz", "$\foo$" raises when the figure is drawn) and,
+# when rcParams["text.usetex"] is on, hands every string to LaTeX, where "_", "%", "^" and "\" mean
+# something else. Module names such as "enc$1" or "block_0" must neither crash a report nor be rewritten.
+LITERAL = {"parse_math": False, "usetex": False}
+
+
+def literal(*texts) -> None:
+    """Draw these matplotlib Text objects literally (see `LITERAL`)."""
+    for text in texts:
+        text.set(**LITERAL)
 
 
 def _axes(ax=None, figsize=(6, 3.5)):
@@ -30,7 +48,9 @@ def plot_curve(values: Sequence[float], ax=None, *, title: str = "", xlabel: str
     if smooth > 1 and len(values) >= smooth:
         kernel = [1.0 / smooth] * smooth
         ax.plot(range(smooth - 1, len(values)), np.convolve(values, kernel, mode="valid"), lw=1.5)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, **LITERAL)
+    ax.set_xlabel(xlabel, **LITERAL)
+    ax.set_ylabel(ylabel, **LITERAL)
     if logy:
         ax.set_yscale("log")
     return fig
@@ -91,25 +111,29 @@ def _names(available: Sequence[str], wanted: Sequence[str] | str | None) -> list
     return [(available.index(w), w) for w in wanted]
 
 
-def _lines(ax, x, columns, labels, *, title: str, ylabel: str, logy: bool = False, legend: bool = True):
-    """One line per column. Past ten lines the default colours repeat, so colour follows depth (early layers
-    dark, late layers light) instead; a legend of more than four entries goes outside, right of the axes."""
+def _lines(ax, x, columns, labels, *, title: str, ylabel: str, logy: bool = False, legend: bool = True) -> list:
+    """One line per column; returns the lines. Past ten lines the default colours repeat, so colour follows
+    depth (early layers dark, late layers light) instead."""
     many = len(columns) > 10
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(columns))) if many else [None] * len(columns)
-    for k, (y, label, color) in enumerate(zip(columns, labels, colors)):
-        ax.plot(x, y, lw=1.0, label=label, color=color, ls=("-", "--", ":")[k % 3] if many else "-")
-    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    lines = [ax.plot(x, y, lw=1.0, label=label, color=color, ls=("-", "--", ":")[k % 3] if many else "-")[0]
+             for k, (y, label, color) in enumerate(zip(columns, labels, colors))]
+    ax.set_title(title, **LITERAL)
+    ax.set(xlabel="step", ylabel=ylabel)
     if logy:
         ax.set_yscale("log")
-    if legend and labels:
-        _legend(ax)
+    if legend and lines:
+        _legend(ax, lines)
+    return lines
 
 
-def _legend(ax) -> None:
-    if len(ax.get_legend_handles_labels()[1]) > 4:
-        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    else:
-        ax.legend(fontsize="x-small", loc="best")
+def _legend(ax, handles: list) -> None:
+    """A legend of `handles` under their labels, drawn literally. The handles are passed explicitly because
+    matplotlib's automatic legend skips every label that starts with "_" (a module named "_orig_mod.conv"
+    would vanish). More than four entries go outside, right of the axes."""
+    where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if len(handles) > 4 else {"loc": "best"}
+    legend = ax.legend(handles, [h.get_label() for h in handles], fontsize="x-small", **where)
+    literal(*legend.get_texts())
 
 
 def mean_std_plot(stats, modules: Sequence[str] | None = None, axs=None):
@@ -144,7 +168,8 @@ def color_dim(stats, module: str, ax=None, *, title: str | None = None):
     edges = np.asarray(stats.hist_edges, dtype=float)
     values = [v for v in MaxNLocator(4).tick_values(edges[0], edges[-1]) if edges[0] <= v <= edges[-1]]
     ax.set_yticks(np.interp(values, edges, np.arange(len(edges))) - 0.5, [f"{v:g}" for v in values])
-    ax.set(title=name if title is None else title, xlabel="step", ylabel="|activation|")
+    ax.set_title(name if title is None else title, **LITERAL)
+    ax.set(xlabel="step", ylabel="|activation|")
     return fig
 
 
@@ -196,10 +221,10 @@ def update_ratio_plot(stats, params: Sequence[str] | None = None, ax=None):
     """||w_after - w_before|| / ||w_before|| per module owning parameters (log y), with the ~1e-3 reference."""
     fig, ax = _axes(ax)
     cols = _names(stats.param_modules, params)
-    _lines(ax, stats.steps, [stats.update_ratio[:, j] for j, _ in cols], [n for _, n in cols], logy=True,
-           title="update / weight ratio", ylabel="ratio", legend=False)
-    ax.axhline(UPDATE_RATIO_REFERENCE, color="k", ls="--", lw=2, alpha=0.6, label="1e-3 reference")
-    _legend(ax)
+    lines = _lines(ax, stats.steps, [stats.update_ratio[:, j] for j, _ in cols], [n for _, n in cols], logy=True,
+                   title="update / weight ratio", ylabel="ratio", legend=False)
+    reference = ax.axhline(UPDATE_RATIO_REFERENCE, color="k", ls="--", lw=2, alpha=0.6, label="1e-3 reference")
+    _legend(ax, lines + [reference])
     return fig
 
 
@@ -221,7 +246,7 @@ def status_screen(stats, module: str):
     else:
         axs[1, 1].text(0.5, 0.5, "no parameters", ha="center", va="center", transform=axs[1, 1].transAxes)
         axs[1, 1].set(title="update / weight ratio", xticks=[], yticks=[])
-    fig.suptitle(module)
+    fig.suptitle(module, **LITERAL)
     fig.tight_layout()
     return fig
 
@@ -233,10 +258,11 @@ def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], suggestions: dic
     lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
     ax.plot(lrs, losses, lw=1.2)
     marked = {name: lr for name, lr in (suggestions or {}).items() if lr is not None and np.isfinite(lr)}
+    markers = []
     for k, (name, lr) in enumerate(marked.items()):
         loss = np.interp(np.log(lr), np.log(lrs), losses) if len(lrs) else np.nan
-        ax.plot([lr], [loss], "o", color=f"C{k + 1}", label=f"{name}: {lr:.2e}")
+        markers += ax.plot([lr], [loss], "o", color=f"C{k + 1}", label=f"{name}: {lr:.2e}")
     ax.set(xscale="log", xlabel="learning rate", ylabel="loss", title="learning-rate finder")
-    if marked:
-        ax.legend(fontsize="small")
+    if markers:
+        _legend(ax, markers)
     return fig

@@ -59,3 +59,14 @@ def device_name(text: str) -> str:
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def thread_count(text: str) -> int:
+    """A number of torch CPU threads: at least 1, at most the cores this process may use."""
+    from ..config import _cpu_count
+
+    value = positive_int(text)
+    if value > _cpu_count():
+        raise argparse.ArgumentTypeError(f"this process may use {_cpu_count()} CPU core(s); more threads than cores "
+                                         f"only wait for each other, got {value}")
+    return value

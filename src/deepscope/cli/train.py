@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import TrainConfig
-from .options import device_name, non_negative_float, non_negative_int, positive_float, positive_int
+from .options import device_name, non_negative_float, non_negative_int, positive_float, positive_int, thread_count
 
 DEFAULTS = TrainConfig()
 
@@ -45,7 +45,7 @@ def add_config_arguments(p: argparse.ArgumentParser, run_prefix: str = "train") 
     run.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     run.add_argument("--device", type=device_name, default=d.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps "
                                                          "(default: %(default)s)")
-    run.add_argument("--threads", type=positive_int, default=d.threads, help="CPU threads for torch (default: torch's choice)")
+    run.add_argument("--threads", type=thread_count, default=d.threads, help="CPU threads for torch (default: torch's choice)")
     run.add_argument("--limit-batches", type=positive_int, default=d.limit_batches, metavar="N",
                      help="stop each training and validation pass after N batches (smoke runs)")
     run.add_argument("--no-stats", dest="stats", action="store_false", help="do not collect per-layer statistics")

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..hooks import Hooks, select_modules
+from ..norms import BatchNorm
 from .records import LayerWeight, SetupRecord
 
 # Losses recognised by identity: the functional form, or an instance of the module form.
@@ -40,9 +41,15 @@ def loss_kind(loss_func) -> str | None:
         return None
 
 
+# Layers that normalise with the current batch's statistics in training, so a tiny batch hurts them:
+# torch's BatchNorm1d/2d/3d, SyncBatchNorm and lazy variants, deepscope's BatchNorm, and subclasses.
+# By type, not by name: deepscope.norms.RunningBatchNorm is named like them but is built for tiny batches.
+BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, BatchNorm)
+
+
 def is_batchnorm(module: nn.Module) -> bool:
-    """torch's BatchNorm1d/2d/3d/SyncBatchNorm, or a hand-written one named like it (deepscope.norms)."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(module).__name__
+    """Whether `module` trains on batch statistics (`BATCHNORM_TYPES`)."""
+    return isinstance(module, BATCHNORM_TYPES)
 
 
 def layer_weights(model: nn.Module) -> list[LayerWeight]:
