@@ -193,18 +193,22 @@ class RunFolder:
     def _make_staging(self) -> None:
         parent = self.final.parent
         missing = [p for p in [parent, *parent.parents] if not p.exists()]
+        tmp = parent / f".{self.final.name}.starting-{os.getpid()}"
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self._made_parents = missing
             self._clear_stale_staging()
-            tmp = parent / f".{self.final.name}.starting-{os.getpid()}"
             tmp.mkdir()
             self._lock_fd = os.open(tmp / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._write_marker(tmp, state="writing")
-        except OSError as e:
+        except BaseException as e:  # also Ctrl-C here: nothing of this process may stay behind
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
             self._release()
             self._remove_made_parents()
+            if not isinstance(e, OSError):
+                raise
             in_the_way = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
             why = f"{in_the_way} is a file, not a folder" if in_the_way else (e.strerror or str(e))
             raise OutputError(f"cannot write the output folder {self.final} ({why}); choose a writable --out") from None

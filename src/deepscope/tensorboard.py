@@ -83,18 +83,16 @@ class TensorBoardCallback(Callback):
             self._give_up(e)
 
     def after_batch(self, learn) -> None:
-        if self.writer is None:
-            return
-        try:
-            self._log_batch(learn)
-        except OSError as e:
-            self._give_up(e)
+        self._write(self._log_batch, learn)
 
     def after_epoch(self, learn) -> None:
+        self._write(self._log_epoch, learn)
+
+    def _write(self, log, learn) -> None:
         if self.writer is None:
             return
         try:
-            self._log_epoch(learn)
+            log(learn)
         except OSError as e:
             self._give_up(e)
 
