@@ -34,7 +34,7 @@ from deepscope.hooks import Hooks, select_modules
 from deepscope.learner import Learner
 from deepscope.models import cnn
 from deepscope.stats import ActivationStats, HistoryStore
-from deepscope.stats.callback import MERGE, STD_OF
+from deepscope.stats.engine import MERGE, STD_OF
 
 
 class StepTimer(Callback):

@@ -10,7 +10,7 @@ from deepscope.data import DataLoaders
 from deepscope.errors import DataError
 from deepscope.learner import Learner
 from deepscope.stats import DEAD_THRESHOLD, FORMAT_VERSION, ActivationStats, HistoryStore, Stats, load_stats
-from deepscope.stats.callback import MERGE, STD_OF
+from deepscope.stats.engine import MERGE, STD_OF
 from deepscope.stats.store import merge_pair
 
 

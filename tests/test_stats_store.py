@@ -8,7 +8,7 @@ from deepscope.config import TrainConfig
 from deepscope.hooks import select_modules
 from deepscope.recipe import build_model
 from deepscope.stats import ActivationStats, HistoryStore
-from deepscope.stats.callback import MERGE, STD_OF
+from deepscope.stats.engine import MERGE, STD_OF
 from deepscope.stats.params import ParamTracker
 from deepscope.stats.rows import ACT_FIELDS, GRAD_FIELDS, PARAM_FIELDS
 from deepscope.stats.store import merge_pair, merge_rows

@@ -17,7 +17,8 @@ from .learner import Learner, TrainStep
 from .lr_find import LRFindResult, lr_find
 from .models import cnn, get_model, resnet
 from .seed import set_seed
-from .stats import ActivationStats, Stats, load_stats
+from .stats import ActivationStats, Stats, StatsRecorder, load_stats
+from .watch import Watch, watch
 
 __all__ = [
     "EVENTS", "Callback", "CallbackError", "CancelBatchException", "CancelEpochException", "CancelFitException",
@@ -25,5 +26,5 @@ __all__ = [
     "OneCycle", "ParamScheduler", "ProgressCallback", "Recorder", "SingleBatch", "default_callbacks",
     "DataLoaders", "TensorBatches", "image_dls", "Learner", "TrainStep", "cnn", "get_model", "resnet", "set_seed",
     "diagnose", "Diagnose", "Finding", "Hook", "Hooks", "select_modules", "LRFindResult", "lr_find",
-    "ActivationStats", "Stats", "load_stats", "keep_freed_memory", "CosineSchedule", "EarlyStopping", "GradClip", "MixedPrecision", "SaveBest",
+    "ActivationStats", "Stats", "StatsRecorder", "load_stats", "watch", "Watch", "keep_freed_memory", "CosineSchedule", "EarlyStopping", "GradClip", "MixedPrecision", "SaveBest",
 ]

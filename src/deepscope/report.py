@@ -217,7 +217,8 @@ def build_context(run: dict) -> dict:
     last = run["metrics"][-1] if run["metrics"] else {}
     cfg = run["config"]
     # A report is also rendered inside the staging folder `<name>.partial` before it is renamed.
-    return {"title": f"deepscope run {run['dir'].name.removesuffix('.partial')}",
+    title = run.get("title") or f"deepscope run {run['dir'].name.removesuffix('.partial')}"
+    return {"title": title,
             "diagnosed": run["findings"] is not None, "config": cfg.get("config", {}),
             "environment": cfg.get("environment", {}), "data": cfg.get("data", {}), "wall_seconds": cfg.get("wall_seconds"),
             "metrics": run["metrics"], "metric_columns": list(run["metrics"][0]) if run["metrics"] else [],
@@ -226,7 +227,12 @@ def build_context(run: dict) -> dict:
 
 
 def render_report(run_dir: str | Path) -> str:
-    return _env().get_template("report.html").render(**build_context(load_run(run_dir)))
+    return render_run(load_run(run_dir))
+
+
+def render_run(run: dict) -> str:
+    """The report of a run held in memory, in `load_run`'s layout (`watch` has no run folder)."""
+    return _env().get_template("report.html").render(**build_context(run))
 
 
 def write_report(run_dir: str | Path) -> Path:

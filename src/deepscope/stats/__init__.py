@@ -38,8 +38,9 @@ Merged rows (older than the last `recent`): mean, dead fraction, norms and ratio
 (weights = `weights`), std is the pooled std, min/max of the members, histograms and non-finite counts
 are sums.
 """
-from .callback import DEAD_THRESHOLD, ActivationStats
+from .callback import ActivationStats
+from .engine import DEAD_THRESHOLD, StatsRecorder
 from .format import FORMAT_VERSION, Stats, load_stats, save_stats
 from .store import HistoryStore
 
-__all__ = ["DEAD_THRESHOLD", "ActivationStats", "FORMAT_VERSION", "Stats", "load_stats", "save_stats", "HistoryStore"]
+__all__ = ["DEAD_THRESHOLD", "ActivationStats", "StatsRecorder", "FORMAT_VERSION", "Stats", "load_stats", "save_stats", "HistoryStore"]

@@ -1,0 +1,330 @@
+"""`StatsRecorder`: the one recording engine behind every way of looking inside a model.
+
+It knows nothing of the Learner. An adapter tells it where a training step begins and ends and where
+the optimiser updates the weights; it does the rest with hooks on the model:
+
+    rec = StatsRecorder(model)          # nothing happens to the model yet
+    rec.attach()                        # hooks on, buffers on the model's device
+    for step, (xb, yb) in enumerate(data):
+        rec.start_step(step)            # before the forward pass; records when step % every == 0
+        loss = loss_fn(model(xb), yb); loss.backward()
+        rec.before_update()             # gradients are final; the weights are those the step ran with
+        opt.step()
+        rec.after_update()
+        rec.end_step()
+    rec.remove(); rec.stats()           # hooks off; the recorded Stats
+
+Adapters: `ActivationStats` (the Learner callback) and `deepscope.watch` (a plain loop, through the
+optimiser's step hooks). How it records: hooks reduce each tensor on its device as soon as it exists
+(`sample`, `collect`) into a preallocated block of rows (`rows`), read back once per `flush_every`
+recorded steps into a bounded history (`store`); nothing is read back inside a step.
+
+A module called several times in one step (a shared activation, a recurrent cell) is recorded at its
+first call of the step: its activation and gradient statistics both come from that call.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..hooks import Hooks, floating_tensors, select_modules
+from .collect import activation_stats, gather_values, gradient_stats
+from .format import Stats, save_stats
+from .params import ParamTracker
+from .rows import ACT_FIELDS, GRAD_FIELDS, PARAM_FIELDS, DeviceRows
+from .sample import SampleBlock
+from .store import HistoryStore
+
+# |a| <= DEAD_THRESHOLD counts as dead. Exactly 0 would only catch ReLU's zeros and miss units of leaky or
+# shifted activations (GeneralRelu, leaky ReLU with a small slope) that are stuck just as surely near 0;
+# 1e-3 is far below the typical activation scale (~1 after good init) yet above float rounding noise.
+DEAD_THRESHOLD = 1e-3
+
+# Values per module and step that the statistics are computed from by default (see `sample`): enough for
+# a dead fraction within ~0.8 points and a histogram with ~100 values per bin, cheap enough to record
+# every step at a few percent of a CPU training step. `subsample=None` summarises every value instead.
+SAMPLE_SIZE = 4096
+
+# How each saved field merges when old rows are downsampled (see store.MERGE_RULES).
+MERGE = {
+    "act_mean": "mean", "act_std": "std", "act_min": "min", "act_max": "max", "act_dead": "mean",
+    "act_nonfinite": "sum", "act_hist": "sum",
+    "grad_mean": "mean", "grad_std": "std", "grad_norm": "mean", "grad_nonfinite": "sum",
+    "weight_norm": "mean", "param_grad_norm": "mean", "update_ratio": "mean",
+}
+STD_OF = {"act_std": "act_mean", "grad_std": "grad_mean"}
+ModuleSpec = Sequence[str] | str | Callable[[str, nn.Module], bool] | None
+
+
+def choose_modules(model: nn.Module, spec: ModuleSpec, who: str) -> list[tuple[str, nn.Module]]:
+    """The `(name, module)` pairs `spec` names: None for `select_modules`' default, names / fnmatch
+    patterns, or a `filter(name, module) -> bool`. ConfigError when nothing matches."""
+    if spec is None:
+        chosen = select_modules(model)
+    elif callable(spec):
+        chosen = select_modules(model, filter=spec)
+    else:
+        chosen = select_modules(model, names=[spec] if isinstance(spec, str) else list(spec))
+    if not chosen:
+        raise ConfigError(f"{who}: no leaf module of the model matches {spec!r}")
+    return chosen
+
+
+def check_options(who: str, *, every: int = 1, hist_bins: int = 40, hist_range: tuple = (0.0, 10.0),
+                  subsample: int | None = SAMPLE_SIZE, recent: int = 1024, max_rows: int = 4096,
+                  flush_every: int = 64, **_) -> None:
+    """ConfigError, naming `who` and the option, for a recording option out of range."""
+    for name, value in (("every", every), ("hist_bins", hist_bins), ("flush_every", flush_every)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{who}: {name} must be a positive integer, got {value!r}")
+    if subsample is not None and (not isinstance(subsample, int) or subsample < 1):
+        raise ConfigError(f"{who}: subsample must be a positive number of values, or None for all, got {subsample!r}")
+    if not hist_range[0] < hist_range[1]:
+        raise ConfigError(f"{who}: hist_range must be (low, high) with low < high, got {hist_range}")
+    if max_rows < recent + 2:
+        raise ConfigError(f"{who}: max_rows ({max_rows}) must exceed recent ({recent}) by 2 or more")
+
+
+class StatsRecorder:
+    """Per-module statistics of one model's activations, output gradients and parameters.
+
+    Per recorded step: activation mean, std, min, max, dead fraction (|a| <= `dead_threshold`),
+    non-finite count and a histogram of |a| (`hist_bins` bins over `hist_range`); mean, std, L2 norm and
+    non-finite count of each output's gradient; all of these from `subsample` values of each tensor (the
+    whole tensor when it is no larger; `None`: always the whole tensor, about 2x slower per CPU step).
+    For every module owning parameters: weight norm, gradient norm and update-to-weight ratio. The
+    history keeps the last `recent` rows exactly and merges older ones, at most `max_rows` in all.
+    Validation steps (`start_step(..., split="valid")`) record activations only, in their own history.
+
+    Raises ConfigError for out-of-range options, or when `modules` matches nothing (at `attach`).
+    """
+
+    def __init__(self, model: nn.Module, modules: ModuleSpec = None, *, every: int = 1,
+                 dead_threshold: float = DEAD_THRESHOLD, hist_bins: int = 40, hist_range: tuple = (0.0, 10.0),
+                 subsample: int | None = SAMPLE_SIZE, recent: int = 1024, max_rows: int = 4096,
+                 flush_every: int = 64, who: str = "StatsRecorder"):
+        check_options(who, every=every, hist_bins=hist_bins, hist_range=hist_range, subsample=subsample,
+                      recent=recent, max_rows=max_rows, flush_every=flush_every)
+        self.model, self.modules_spec, self.every, self.who = model, modules, every, who
+        self.dead_threshold, self.hist_bins = float(dead_threshold), hist_bins
+        self.hist_range = (float(hist_range[0]), float(hist_range[1]))
+        self.subsample, self.recent, self.max_rows, self.flush_every = subsample, recent, max_rows, flush_every
+        self.modules: list[str] = []
+        self._hooks: list[Hooks] = []
+        self._rows: dict[str, DeviceRows] = {}
+        self._stores: dict[str, HistoryStore] = {}
+        self._tracker: ParamTracker | None = None
+        self._row: int | None = None       # the row being filled in this step, if it is recorded
+        self._seen: set[int] = set()       # modules already recorded in this row (first call only)
+        self._pending = 0                  # recorded steps not yet summarised (see _summarise)
+        self._sample: SampleBlock | None = None
+        self._split = "train"
+        self._scaled_rows = False          # rows hold gradients multiplied by a loss scale
+
+    # --- set-up and tear-down ------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def attach(self) -> None:
+        """Put the hooks on and allocate the buffers on the model's device. A new attach starts a new
+        record (what an earlier attach recorded is dropped)."""
+        self.remove()
+        chosen = choose_modules(self.model, self.modules_spec, self.who)
+        self.modules = [name for name, _ in chosen]
+        self._index = {id(module): i for i, (_, module) in enumerate(chosen)}
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        M = len(self.modules)
+        # Recorded steps are summarised in blocks of up to 8 (fewer if samples would pass ~16 MB), all
+        # modules and steps of a block at once: a launch costs tens of microseconds on a CPU just after
+        # the big kernels of a training step, whatever its size.
+        self._block_steps = min(8, self.flush_every, max(1, (16 << 20) // (2 * M * (self.subsample or 1) * 4)))
+        self._pending, self._block_start, self._row = 0, ("train", 0), None
+        self._tracker = ParamTracker(self.model, steps=self._block_steps)
+        P = len(self._tracker.names)
+        # sample rows 0..M-1: the modules' outputs, M..2M-1: the gradients of those outputs
+        self._sample = None
+        if self.subsample:
+            self._sample = SampleBlock(2 * M, M, self.subsample, device, steps=self._block_steps,
+                                       dead_threshold=self.dead_threshold, hist_range=self.hist_range,
+                                       bins=self.hist_bins)
+        self._rows, self._stores = {}, {}
+        # 1 / loss scale of each train row's step (see scale_gradients); applied to the gradient rows at flush
+        self._grad_unscale, self._scaled_rows = torch.ones(self.flush_every, device=device), False
+        for split, fields in (("train", ACT_FIELDS + GRAD_FIELDS + PARAM_FIELDS), ("valid", ACT_FIELDS)):
+            self._rows[split] = DeviceRows(self.flush_every, M, self.hist_bins, P, device, sample_size=self.subsample)
+            self._stores[split] = HistoryStore({k: MERGE[k] for k in fields}, std_of=STD_OF,
+                                               recent=self.recent, max_rows=self.max_rows)
+        # Registered last: if anything above failed, no hook is left behind. The gradient of each output
+        # is watched by a tensor hook that _on_forward registers when the step is recorded (hooks.py says
+        # why tensor hooks), so steps that are not recorded cost one Python call per module.
+        self._hooks = [Hooks(chosen, self._on_forward)]
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent); what was recorded stays available."""
+        for hooks in self._hooks:
+            hooks.remove()
+        self._hooks, self._row = [], None
+
+    def close(self) -> None:
+        """Remove the hooks and move everything recorded into the history."""
+        self.remove()
+        self.flush()
+
+    # --- per step --------------------------------------------------------------------------------------
+    @property
+    def recording(self) -> bool:
+        """Whether the current step is being recorded."""
+        return self._row is not None
+
+    def start_step(self, step: int, split: str = "train", record: bool | None = None) -> bool:
+        """Begin training step `step` (or a validation batch run at training step `step`, split "valid").
+        It is recorded when `record`, or, when `record` is None, when `step % every == 0`. Returns whether
+        it is recorded."""
+        if record is None:
+            record = step % self.every == 0
+        if record and self._pending and (self._pending == self._block_steps or split != self._block_start[0]):
+            self._summarise()
+        self._split = split
+        self._seen = set()
+        if not record or not self._hooks:
+            self._row = None
+            return False
+        self._row = self._rows[split].start_row(step)
+        if not self._pending:
+            self._block_start = (split, self._row)
+        self._pending += 1
+        if self._sample is not None:
+            self._sample.open()
+        return True
+
+    def _on_forward(self, hook, module: nn.Module, inputs: tuple, output) -> None:
+        if self._row is None:
+            return
+        i = self._index[id(module)]
+        if i in self._seen:   # a later call of the module in this step: the first call is the recorded one
+            return
+        tensors = floating_tensors(output)
+        if not tensors:
+            return
+        self._seen.add(i)
+        rows, r = self._rows[self._split], self._row
+        if self._sample is not None:   # summarised with the other modules and steps of its block
+            rows.numel[r, i], _ = self._sample.put(i, tensors)
+        else:
+            x = gather_values(tensors)
+            rows.numel[r, i] = x.numel()
+            activation_stats(x, self.dead_threshold, self.hist_range, rows.tensors[r, i], rows.hist[r, i])
+        if self._split == "train":
+            j = len(self.modules) + i
+            for t in tensors:          # the closures hold the row's index, never the tensor
+                if t.grad_fn is not None:
+                    # the pre-hook of the node that made t is what t.register_hook installs, for half the cost
+                    t.grad_fn.register_prehook(lambda grads, j=j, k=t.output_nr: self._on_gradient(j, grads[k]))
+                elif t.requires_grad:
+                    t.register_hook(lambda grad, j=j: self._on_gradient(j, grad))
+
+    def _on_gradient(self, j: int, grad: torch.Tensor) -> None:
+        """Row j of the watched tensors: the gradient of module j - M's output."""
+        if self._row is None or grad is None:  # removed, a graph of an earlier step, or an unused output
+            return
+        rows, r = self._rows["train"], self._row
+        if self._sample is not None:
+            kept, total = self._sample.put(j, [grad])
+            rows.numel[r, j], rows.norm_scale[r, j] = kept, (total / kept) ** 0.5
+            return
+        g = gather_values([grad])
+        rows.numel[r, j] = g.numel()
+        gradient_stats(g, rows.tensors[r, j])
+
+    def scale_gradients(self, scale: torch.Tensor) -> None:
+        """The backward pass of this step multiplies every gradient by `scale` (a 0-d device tensor: float16
+        loss scaling); the output-gradient sums and norms of this row are divided by it at flush, on the
+        device, with no read-back."""
+        if self._row is not None and self._split == "train":
+            self._grad_unscale[self._row].copy_(scale.reciprocal())
+            self._scaled_rows = True
+
+    def before_update(self, skip: bool = False) -> None:
+        """The gradients are final and the weights are those this step ran with. `skip`: the optimiser
+        will not update (a float16 overflow the scaler skips): no gradient or parameter statistics."""
+        if self._row is None or self._split != "train":
+            return
+        if skip:
+            self._rows["train"].numel[self._row, len(self.modules):] = 0  # read back as NaN, "not measured"
+        else:
+            self._tracker.before_step()
+
+    def after_update(self) -> None:
+        """The optimiser has updated the weights (gradients not yet zeroed)."""
+        if self._row is not None and self._split == "train":
+            self._tracker.after_step(self._pending - 1)
+
+    def end_step(self) -> None:
+        """The step is over: its row is complete."""
+        r, self._row = self._row, None
+        if r is None:
+            return
+        rows = self._rows[self._split]
+        rows.finish_row()
+        if rows.full:
+            self.flush()
+
+    def _summarise(self) -> None:
+        """Reduce the pending block's samples and parameter norms, all modules at once, into its rows."""
+        if not self._pending:
+            return
+        (split, r), K = self._block_start, self._pending
+        rows = self._rows[split]
+        if self._sample is not None:
+            self._sample.summarise(rows.tensors[r:r + K], rows.hist[r:r + K])
+        if split == "train":
+            self._tracker.summarise(rows.param[r:r + K])
+        self._pending = 0
+
+    def flush(self) -> None:
+        """Move the filled device rows into the host history (one read-back per split)."""
+        if self._row is not None:
+            return  # a step is being filled: its rows are read back once it ends
+        self._summarise()
+        if self._scaled_rows:  # sums and norms scale linearly: divide those of the output gradients
+            train = self._rows["train"]
+            train.tensors[:train.n, len(self.modules):, :2].mul_(self._grad_unscale[:train.n, None, None])
+            self._grad_unscale.fill_(1.0)
+            self._scaled_rows = False
+        for split, rows in self._rows.items():
+            if rows.n:
+                steps, fields = rows.read()
+                store = self._stores[split]
+                store.append(steps, {k: fields[k] for k in store.rules})
+
+    # --- results ---------------------------------------------------------------------------------------
+    def _arrays(self, split: str) -> dict[str, np.ndarray]:
+        store = self._stores[split]
+        if len(store):
+            return store.arrays()
+        M, B, P = len(self.modules), self.hist_bins, len(self._tracker.names)
+        shapes = {"act_hist": (0, M, B), **{k: (0, P) for k in PARAM_FIELDS}}
+        empty = {k: np.zeros(shapes.get(k, (0, M)), dtype=np.float32) for k in store.rules}
+        return {"steps": np.zeros(0, np.int64), "weights": np.zeros(0, np.int64), **empty}
+
+    def stats(self, valid: bool = False) -> Stats:
+        """Everything recorded so far as `Stats` (with the validation history when `valid`)."""
+        if not self._stores:
+            raise RuntimeError(f"{self.who} has recorded nothing yet")
+        self.flush()
+        train = self._arrays("train")
+        valid_arrays = {f"valid_{k}": v for k, v in self._arrays("valid").items()} if valid else None
+        edges = np.linspace(*self.hist_range, self.hist_bins + 1)
+        return Stats(modules=list(self.modules), param_modules=list(self._tracker.names), hist_edges=edges,
+                     dead_threshold=self.dead_threshold, valid=valid_arrays, **train)
+
+    def save(self, path: str | Path, valid: bool = False) -> Path:
+        """Write `stats.npz` (into `path` if it is a folder); returns the file."""
+        return save_stats(self.stats(valid), path)

@@ -1,0 +1,188 @@
+"""`watch`: look inside any model trained by your own loop, with the same engine as the Learner's
+`ActivationStats` (`stats.engine.StatsRecorder`).
+
+    with deepscope.watch(model, opt) as w:
+        for xb, yb in loader:                       # your loop, unchanged
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad(); loss.backward(); opt.step()
+            w.step(loss, targets=yb)                # optional: without it, opt.step() ends each step
+    w.stats(); w.findings(); w.report("report.html")
+
+Where a step begins and ends: a step begins at the model's first forward call after the previous step
+ended, so several forwards before one optimiser step (gradient accumulation) are one step. It ends at
+`w.step()`, or, until `w.step` is first called, when the optimiser's step returns (its post-hook).
+The optimiser's pre-hook marks the point where gradients are final and the weights are those the step
+ran with, for the weight, gradient and update norms; without an optimiser, those are not recorded.
+Nothing is read back from the device inside a step: losses are kept as device tensors and read back
+in blocks.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .stats.engine import SAMPLE_SIZE, ModuleSpec, StatsRecorder
+from .stats.format import Stats
+
+_LOSS_BLOCK = 64  # losses kept on the device before one read-back
+
+
+class Watch:
+    """The handle `watch()` returns; a context manager. See the module docstring."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 modules: ModuleSpec = None, every: int = 1, subsample: int | None = SAMPLE_SIZE, **options):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"watch: expected an nn.Module to watch, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"watch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model, self.optimizer = model, optimizer
+        self.recorder = StatsRecorder(model, modules, every=every, subsample=subsample, who="watch", **options)
+        self.options = {"modules": modules if isinstance(modules, (list, tuple, str, type(None))) else "filter",
+                        "every": every, "subsample": subsample, **options}
+        self.steps = 0            # training steps ended so far
+        self._open = False        # a step has begun (its first forward ran) and not ended
+        self._manual = False      # the user calls w.step(): it, not the optimiser, ends steps
+        self._handles: list = []
+        self._losses: list[float] = []
+        self._pending_losses: list[torch.Tensor] = []
+        self._targets: torch.Tensor | None = None
+        self._n_outputs: int | None = None
+        self._started = None
+
+    # --- the context -------------------------------------------------------------------------------------
+    def __enter__(self) -> "Watch":
+        self.recorder.attach()
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._before_forward))
+            self._handles.append(self.model.register_forward_hook(self._after_forward))
+            if self.optimizer is not None:
+                self._handles.append(self.optimizer.register_step_pre_hook(self._before_update))
+                self._handles.append(self.optimizer.register_step_post_hook(self._after_update))
+        except BaseException:
+            self.remove()
+            raise
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """End the open step, remove every hook (idempotent) and move what was recorded into the history."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._end_step()
+        self.recorder.close()
+        self._read_losses()
+
+    # --- hooks ---------------------------------------------------------------------------------------------
+    def _before_forward(self, module, inputs) -> None:
+        if not self._open and self.model.training:
+            self.recorder.start_step(self.steps)
+            self._open = True
+
+    def _after_forward(self, module, inputs, output) -> None:
+        if self._n_outputs is None and isinstance(output, torch.Tensor) and output.dim() == 2:
+            self._n_outputs = output.shape[1]  # (N, C): C classes, if the targets are class indices
+
+    def _before_update(self, optimizer, args, kwargs) -> None:
+        self.recorder.before_update()
+
+    def _after_update(self, optimizer, args, kwargs) -> None:
+        self.recorder.after_update()
+        if not self._manual:
+            self._end_step()
+
+    def _end_step(self) -> None:
+        if self._open:
+            self.recorder.end_step()
+            self.steps += 1
+            self._open = False
+
+    # --- the user's calls ------------------------------------------------------------------------------------
+    def step(self, loss: torch.Tensor | float | None = None, *, targets: torch.Tensor | None = None) -> None:
+        """End this training step. `loss` (kept on its device, read back every 64 steps) feeds the
+        loss-history checks of `findings()`; `targets` (the first batch's are kept) lets them compare the
+        loss with chance level for a classifier. No host synchronisation."""
+        self._manual = True
+        if loss is not None:
+            value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+            self._pending_losses.append(value)
+            if len(self._pending_losses) >= _LOSS_BLOCK:
+                self._read_losses()
+        if targets is not None and self._targets is None:
+            self._targets = targets.detach()
+        self._end_step()  # (already ended by the optimiser's post-hook on the first step)
+
+    def _read_losses(self) -> None:
+        if self._pending_losses:
+            self._losses.extend(torch.stack([t.to(self._pending_losses[0].device)
+                                             for t in self._pending_losses]).cpu().tolist())
+            self._pending_losses = []
+
+    # --- results ---------------------------------------------------------------------------------------------
+    @property
+    def losses(self) -> list[float]:
+        """The losses passed to `step`, one per step, as floats."""
+        self._read_losses()
+        return list(self._losses)
+
+    def stats(self) -> Stats:
+        """The same `Stats` as `ActivationStats.stats()`: everything recorded in the steps that ended."""
+        self.recorder.flush()
+        return self.recorder.stats()
+
+    def n_classes(self) -> int | None:
+        """Classes of a classifier (integer targets, an (N, C) output), else None."""
+        t = self._targets
+        if t is None or t.is_floating_point() or self._n_outputs is None or self._n_outputs < 2:
+            return None
+        return self._n_outputs
+
+    def findings(self) -> list:
+        """Diagnosis of everything recorded: `Finding`s, errors first (deepscope.diagnose)."""
+        from .diagnose.finding import sort_findings
+        from .diagnose.history import analyse_history
+
+        s = self.stats()
+        return sort_findings(analyse_history(s.modules, s.steps, s.act_std, s.act_dead, self.losses, self.n_classes()))
+
+    def report(self, path: str | Path = "report.html") -> Path:
+        """Write a self-contained report.html of this run to `path` (a file, or a folder to write it
+        into); returns the file. No run folder or config is needed."""
+        from .report import render_run
+        from .runfolder import environment, write_text
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "report.html"
+        param = next(self.model.parameters(), None)
+        run = {"dir": path.parent, "title": f"deepscope watch: {type(self.model).__name__}",
+               "config": {"config": {"model": type(self.model).__name__, **self.options},
+                          "environment": environment(param.device if param is not None else "cpu"), "data": {},
+                          "wall_seconds": time.perf_counter() - self._started if self._started else None},
+               "metrics": [], "recorder": {"loss": self.losses} if self._losses else None,
+               "findings": [f.to_dict() for f in self.findings()], "lr_find": None, "ablation": None,
+               "stats": self.stats()}
+        write_text(path, render_run(run))
+        return path
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, modules: ModuleSpec = None,
+          every: int = 1, subsample: int | None = SAMPLE_SIZE, **options) -> Watch:
+    """Record per-layer statistics of `model` in your own training loop; use it as a context manager.
+
+    `modules`: None for the default choice (modules owning parameters, activations, norms), names or
+    fnmatch patterns, or a `filter(name, module) -> bool`. `every`: record one step in N. `subsample`:
+    values of each tensor summarised per step (None: all). Other options go to `StatsRecorder`. With an
+    `optimizer`, weight, gradient and update norms are recorded through its step hooks (any
+    torch.optim optimizer). Raises ConfigError for bad arguments or modules that match nothing.
+    """
+    return Watch(model, optimizer, modules=modules, every=every, subsample=subsample, **options)
+

@@ -1,0 +1,183 @@
+"""`deepscope.watch` in a plain PyTorch loop: the same engine and the same numbers as the Learner's
+ActivationStats, hooks that always go, steps from the optimiser or from `w.step`, and statistics checked
+against a direct computation."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import deepscope
+from deepscope import ActivationStats, DataLoaders, Learner
+from deepscope.errors import ConfigError
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def batches(n: int = 6, bs: int = 16):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n * bs, 10, generator=g)
+    y = torch.randint(0, 3, (n * bs,), generator=g)
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n * bs, bs)]
+
+
+def plain_loop(model, data, w=None, *, call_step=True, opt=None):
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.1)
+    for xb, yb in data:
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if w is not None and call_step:
+            w.step(loss, targets=yb)
+    return opt
+
+
+@pytest.mark.parametrize("subsample", [None, 64])
+@pytest.mark.parametrize("call_step", [True, False])
+def test_watch_gives_the_learners_statistics(subsample, call_step, one_thread):
+    data = batches()
+    model = mlp()
+    learner_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with deepscope.watch(model, opt, subsample=subsample) as w:
+        plain_loop(model, data, w, call_step=call_step, opt=opt)
+    stats_cb = ActivationStats(subsample=subsample)
+    learn = Learner(learner_model, DataLoaders(data, None), nn.functional.cross_entropy, lr=0.1,
+                    opt_func=lambda p, lr: torch.optim.SGD(p, lr=lr), cbs=[stats_cb])
+    learn.fit(1)
+    a, b = w.stats(), stats_cb.stats()
+    assert a.modules == b.modules and a.param_modules == b.param_modules
+    assert a.steps.tolist() == b.steps.tolist() == list(range(len(data)))
+    for field in ("act_mean", "act_std", "act_dead", "act_hist", "grad_norm", "grad_std", "weight_norm",
+                  "param_grad_norm", "update_ratio"):
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, err_msg=field)
+    assert w.steps == len(data)
+
+
+def test_statistics_equal_a_direct_computation(one_thread):
+    model, data = mlp(), batches(n=3)
+    seen = []
+    handle = model[1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = []
+    flat = lambda: torch.cat([model[2].weight.detach().flatten(), model[2].bias.detach().flatten()])  # noqa: E731
+    pre = opt.register_step_pre_hook(lambda *a: before.append(flat().clone()))
+    with deepscope.watch(model, opt, subsample=None) as w:
+        plain_loop(model, data, w, opt=opt)
+    handle.remove()
+    pre.remove()
+    s = w.stats()
+    i, j = s.modules.index("1"), s.param_modules.index("2")
+    for step, out in enumerate(seen):
+        assert s.act_mean[step, i] == pytest.approx(out.mean().item(), rel=1e-5, abs=1e-7)
+        assert s.act_std[step, i] == pytest.approx(out.std().item(), rel=1e-4)
+        assert s.act_dead[step, i] == pytest.approx((out.abs() <= 1e-3).float().mean().item())
+    # parameters of the last step: the weights it ran with, and the update it made
+    assert s.weight_norm[-1, j] == pytest.approx(before[-1].norm().item(), rel=1e-5)
+    assert s.update_ratio[-1, j] == pytest.approx(((flat() - before[-1]).norm() / before[-1].norm()).item(), rel=1e-4)
+
+
+def test_without_an_optimizer_w_step_counts_the_steps_and_parameters_are_not_measured(one_thread):
+    model, data = mlp(), batches(n=4)
+    with deepscope.watch(model) as w:
+        plain_loop(model, data, w)
+    s = w.stats()
+    assert s.steps.tolist() == [0, 1, 2, 3]
+    assert np.isnan(s.update_ratio).all(), "no optimiser: no update to measure"
+    assert np.isfinite(s.grad_norm).all()
+    assert len(w.losses) == 4 and all(np.isfinite(w.losses))
+
+
+def test_gradient_accumulation_is_one_step(one_thread):
+    model, data = mlp(), batches(n=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with deepscope.watch(model, opt) as w:
+        for k in range(0, 4, 2):
+            opt.zero_grad()
+            for xb, yb in data[k:k + 2]:  # two micro-batches per optimiser step
+                nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    assert w.steps == 2 and w.stats().steps.tolist() == [0, 1]
+
+
+def test_a_module_called_twice_is_recorded_at_its_first_call(one_thread):
+    act = nn.Tanh()
+    lin = nn.Linear(8, 8)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act = lin, act
+
+        def forward(self, x):
+            return self.act(self.lin(self.act(x)))  # the same activation object, called twice
+
+    model = Twice()
+    x = torch.randn(16, 8)
+    first = {}
+
+    def keep_first(m, i, o):
+        if "out" not in first:
+            first["out"] = o
+            o.retain_grad()
+
+    handle = act.register_forward_hook(keep_first)
+    with deepscope.watch(model, subsample=None) as w:
+        model(x.requires_grad_()).pow(2).sum().backward()
+        w.step()
+    handle.remove()
+    s = w.stats()
+    i = s.modules.index("act")
+    out = first["out"]
+    assert s.act_mean[0, i] == pytest.approx(out.mean().item(), rel=1e-5)
+    assert s.grad_norm[0, i] == pytest.approx(out.grad.norm().item(), rel=1e-5), "gradient of the same call"
+
+
+def test_hooks_go_at_exit_even_on_an_error(one_thread):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with deepscope.watch(model, opt):
+            plain_loop(model, batches(n=1), opt=opt)
+            raise RuntimeError("boom")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_eval_forwards_are_not_training_steps(one_thread):
+    model, data = mlp(), batches(n=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with deepscope.watch(model, opt) as w:
+        plain_loop(model, data, opt=opt)
+        model.eval()
+        with torch.no_grad():
+            model(data[0][0])
+    assert w.steps == 2
+
+
+def test_findings_and_a_report_without_a_run_folder(tmp_path, one_thread):
+    model, data = mlp(), batches(n=12)
+    opt = torch.optim.SGD(model.parameters(), lr=1e6)  # diverges
+    with deepscope.watch(model, opt) as w:
+        plain_loop(model, data, w, opt=opt)
+    kinds = {f.kind for f in w.findings()}
+    assert "diverged" in kinds
+    path = w.report(tmp_path)
+    html = path.read_text()
+    assert path == tmp_path / "report.html" and "data:image/png;base64" in html and "diverged" in html
+    assert "http://" not in html and "https://" not in html.replace("https://github.com", "")
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ConfigError, match="nn.Module"):
+        deepscope.watch("not a model")
+    with pytest.raises(ConfigError, match="no leaf module"):
+        with deepscope.watch(mlp(), modules=["nope"]):
+            pass
+    with pytest.raises(ConfigError, match="every"):
+        deepscope.watch(mlp(), every=0)
