@@ -30,7 +30,8 @@ def test_selection_by_type_name_pattern_and_filter():
     assert [n for n, _ in select_modules(model, types=nn.Linear)] == ["0", "4.0", "5"]
     assert [n for n, _ in select_modules(model, types=(nn.ReLU, nn.GELU))] == ["2", "4.1"]
     assert [n for n, _ in select_modules(model, names=["5", "4.*"])] == ["4.0", "4.1", "5"]
-    assert [n for n, _ in select_modules(model, names=["4"])] == []
+    assert [n for n, _ in select_modules(model, names=["4"])] == ["4"]  # a container named exactly: a unit
+    assert [n for n, _ in select_modules(model, names=["4*"])] == ["4.0", "4.1"]  # a pattern: leaves only
     assert [n for n, _ in select_modules(model, names=["4"], leaf_only=False)] == ["4"]
     assert [n for n, _ in select_modules(model, filter=lambda n, m: isinstance(m, nn.Linear) and m.out_features == 8)] == ["0", "4.0"]
     assert [n for n, _ in select_modules(model, types=nn.Linear, names=["4.*"])] == ["4.0"]

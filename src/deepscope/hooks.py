@@ -56,15 +56,19 @@ def select_modules(model: nn.Module, *, types: type | tuple[type, ...] | None = 
     """`(name, module)` pairs of `model.named_modules()` that pass every criterion given.
 
     `types`: a type or tuple of types; `names`: exact names or fnmatch patterns ("block*.act");
-    `filter(name, module) -> bool`. `leaf_only` keeps modules without children (pass False to select
+    `filter(name, module) -> bool`. A name given exactly selects that module even if it has children; a
+    pattern matches leaves only. `leaf_only` keeps modules without children (pass False to select
     containers such as "block0"). With no criterion, the default picks leaf modules that own parameters
     directly or are activations or normalisation layers, so pooling/flatten/dropout layers are left out.
     The root module "" is never selected by default.
     """
     patterns = list(names) if names is not None else None
+    exact = set(patterns or ())
     chosen = []
     for name, module in model.named_modules():
-        if leaf_only and next(module.children(), None) is not None:
+        # A container named exactly (a residual block, a Transformer layer) is watched as a unit: its
+        # output is what its functional ops (a residual sum, F.relu) make, which no leaf module shows.
+        if leaf_only and next(module.children(), None) is not None and name not in exact:
             continue
         if types is not None and not isinstance(module, types):
             continue

@@ -164,12 +164,14 @@ def _last_finite(column) -> float | None:
 
 def layer_table(stats) -> list[dict]:
     """One row per layer: the latest activation mean, std and dead fraction, the latest gradient norm that
-    is not NaN, and the update ratio (None for a module that owns no parameters)."""
+    is not NaN, the update ratio (None for a module that owns no parameters), and why a module has no
+    statistics when it has none (`note`: not called, no floating-point output)."""
     params = {name: j for j, name in enumerate(stats.param_modules)}
+    notes = stats.notes() if hasattr(stats, "notes") else {}
     rows = []
     for i, name in enumerate(stats.modules):
         j = params.get(name)
-        rows.append({"module": name, "mean": _last_finite(stats.act_mean[:, i]), "std": _last_finite(stats.act_std[:, i]),
+        rows.append({"module": name, "note": notes.get(name, ""), "mean": _last_finite(stats.act_mean[:, i]), "std": _last_finite(stats.act_std[:, i]),
                      "dead": _last_finite(stats.act_dead[:, i]), "grad_norm": _last_finite(stats.grad_norm[:, i]),
                      "update_ratio": None if j is None else _last_finite(stats.update_ratio[:, j])})
     return rows

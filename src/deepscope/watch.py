@@ -8,8 +8,9 @@
             w.step(loss, targets=yb)                # optional: without it, opt.step() ends each step
     w.stats(); w.findings(); w.report("report.html")
 
-Where a step begins and ends: a step begins at the model's first forward call after the previous step
-ended, so several forwards before one optimiser step (gradient accumulation) are one step. It ends at
+Where a step begins and ends: a step begins when a watched module first runs in training mode after
+the previous step ended, so several forwards before one optimiser step (gradient accumulation) are one
+step, and eval-mode forwards (your validation) are none. It ends at
 `w.step()`, or, until `w.step` is first called, when the optimiser's step returns (its post-hook).
 The optimiser's pre-hook marks the point where gradients are final and the weights are those the step
 ran with, for the weight, gradient and update norms; without an optimiser, those are not recorded.
@@ -57,8 +58,8 @@ class Watch:
     # --- the context -------------------------------------------------------------------------------------
     def __enter__(self) -> "Watch":
         self.recorder.attach()
+        self.recorder.before_forward = self._begin_step
         try:
-            self._handles.append(self.model.register_forward_pre_hook(self._before_forward))
             self._handles.append(self.model.register_forward_hook(self._after_forward))
             if self.optimizer is not None:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._before_update))
@@ -77,13 +78,15 @@ class Watch:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.recorder.before_forward = None
         self._end_step()
         self.recorder.close()
         self._read_losses()
 
     # --- hooks ---------------------------------------------------------------------------------------------
-    def _before_forward(self, module, inputs) -> None:
-        if not self._open and self.model.training:
+    def _begin_step(self, module: nn.Module) -> None:
+        """A watched module ran: the first one in training mode after a step ended begins the next."""
+        if not self._open and module.training:
             self.recorder.start_step(self.steps)
             self._open = True
 

@@ -17,12 +17,17 @@ TENSOR_COLUMNS = ("sum", "norm", "min", "max", "dead", "nonfinite")  # norm: L2,
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view of a dense tensor in memory order, so channels_last activations are not copied."""
+    """A 1-D view of a dense tensor in memory order, so channels_last activations are not copied; a
+    dense 1-D copy of any other (expanded, sliced) tensor."""
     if t.is_contiguous():
         return t.view(-1)
     order = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
     permuted = t.permute(order)
-    return permuted.view(-1) if permuted.is_contiguous() else t.reshape(-1)
+    if permuted.is_contiguous():
+        return permuted.view(-1)
+    # an expanded tensor (stride 0: the gradient of x.sum() is one value broadcast) or another strided
+    # view: reshape may keep stride 0, so make the values dense
+    return t.reshape(-1).contiguous()
 
 
 def gather_values(tensors: list[torch.Tensor]) -> torch.Tensor:

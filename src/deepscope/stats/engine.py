@@ -20,7 +20,10 @@ optimiser's step hooks). How it records: hooks reduce each tensor on its device 
 recorded steps into a bounded history (`store`); nothing is read back inside a step.
 
 A module called several times in one step (a shared activation, a recurrent cell) is recorded at its
-first call of the step: its activation and gradient statistics both come from that call.
+first call of the step: its activation and gradient statistics both come from that call. A module whose
+output has several floating-point parts (a tuple, list, dict or PackedSequence: LSTM's (output, (h, c)),
+attention's (output, weights)) is summarised over all of them, and so is its gradient, over every part
+that receives one.
 """
 from __future__ import annotations
 
@@ -90,6 +93,13 @@ def check_options(who: str, *, every: int = 1, hist_bins: int = 40, hist_range: 
         raise ConfigError(f"{who}: max_rows ({max_rows}) must exceed recent ({recent}) by 2 or more")
 
 
+def _dtype_of(output) -> str:
+    """A short description of a module output that holds no floating-point tensor."""
+    if isinstance(output, torch.Tensor):
+        return str(output.dtype)
+    return type(output).__name__
+
+
 class StatsRecorder:
     """Per-module statistics of one model's activations, output gradients and parameters.
 
@@ -121,10 +131,14 @@ class StatsRecorder:
         self._tracker: ParamTracker | None = None
         self._row: int | None = None       # the row being filled in this step, if it is recorded
         self._seen: set[int] = set()       # modules already recorded in this row (first call only)
+        self._parts: dict[int, list] = {}   # gradient row j -> [expected, arrived, gradients] (multi-part outputs)
         self._pending = 0                  # recorded steps not yet summarised (see _summarise)
         self._sample: SampleBlock | None = None
         self._split = "train"
         self._scaled_rows = False          # rows hold gradients multiplied by a loss scale
+        # Called with the module before a watched module's output is recorded: an adapter that finds step
+        # boundaries from the forward pass itself (watch) opens the step here.
+        self.before_forward: Callable[[nn.Module], None] | None = None
 
     # --- set-up and tear-down ------------------------------------------------------------------------
     @property
@@ -146,6 +160,8 @@ class StatsRecorder:
         # the big kernels of a training step, whatever its size.
         self._block_steps = min(8, self.flush_every, max(1, (16 << 20) // (2 * M * (self.subsample or 1) * 4)))
         self._pending, self._block_start, self._row = 0, ("train", 0), None
+        self._called = [False] * M          # ran in a recorded step (see module_notes)
+        self._no_float: dict[int, str] = {}  # module -> dtype of an output with no floating-point tensor
         self._tracker = ParamTracker(self.model, steps=self._block_steps)
         P = len(self._tracker.names)
         # sample rows 0..M-1: the modules' outputs, M..2M-1: the gradients of those outputs
@@ -192,7 +208,7 @@ class StatsRecorder:
         if record and self._pending and (self._pending == self._block_steps or split != self._block_start[0]):
             self._summarise()
         self._split = split
-        self._seen = set()
+        self._seen, self._parts = set(), {}
         if not record or not self._hooks:
             self._row = None
             return False
@@ -205,13 +221,18 @@ class StatsRecorder:
         return True
 
     def _on_forward(self, hook, module: nn.Module, inputs: tuple, output) -> None:
+        if self.before_forward is not None:
+            self.before_forward(module)
         if self._row is None:
             return
         i = self._index[id(module)]
         if i in self._seen:   # a later call of the module in this step: the first call is the recorded one
             return
+        self._called[i] = True
         tensors = floating_tensors(output)
         if not tensors:
+            if i not in self._no_float:
+                self._no_float[i] = _dtype_of(output)
             return
         self._seen.add(i)
         rows, r = self._rows[self._split], self._row
@@ -223,23 +244,50 @@ class StatsRecorder:
             activation_stats(x, self.dead_threshold, self.hist_range, rows.tensors[r, i], rows.hist[r, i])
         if self._split == "train":
             j = len(self.modules) + i
-            for t in tensors:          # the closures hold the row's index, never the tensor
+            parts = [t for t in tensors if t.grad_fn is not None or t.requires_grad]
+            if len(parts) > 1:  # a tuple/dict/PackedSequence output: its parts' gradients are summarised together
+                self._parts[j] = [len(parts), 0, []]
+            for t in parts:            # the closures hold the row's index, never the tensor
                 if t.grad_fn is not None:
                     # the pre-hook of the node that made t is what t.register_hook installs, for half the cost
                     t.grad_fn.register_prehook(lambda grads, j=j, k=t.output_nr: self._on_gradient(j, grads[k]))
-                elif t.requires_grad:
+                else:
                     t.register_hook(lambda grad, j=j: self._on_gradient(j, grad))
 
-    def _on_gradient(self, j: int, grad: torch.Tensor) -> None:
-        """Row j of the watched tensors: the gradient of module j - M's output."""
-        if self._row is None or grad is None:  # removed, a graph of an earlier step, or an unused output
+    def _on_gradient(self, j: int, grad: torch.Tensor | None) -> None:
+        """Row j of the watched tensors: the gradient of (a part of) module j - M's output. The parts of
+        a multi-part output are held until the last has arrived (or the backward pass is over: see
+        `_put_partial_gradients`), then summarised as one tensor."""
+        if self._row is None:  # removed, or a graph of an earlier step
             return
+        parts = self._parts.get(j)
+        if parts is None:
+            if grad is not None:  # None: an output no loss depends on
+                self._put_gradient(j, [grad])
+            return
+        parts[1] += 1
+        if grad is not None:
+            parts[2].append(grad)
+        if parts[1] == parts[0]:
+            del self._parts[j]
+            if parts[2]:
+                self._put_gradient(j, parts[2])
+
+    def _put_partial_gradients(self) -> None:
+        """Multi-part outputs some of whose parts got no gradient (not on the loss's path): summarise the
+        parts that did."""
+        for j, (_, _, grads) in list(self._parts.items()):
+            if grads:
+                self._put_gradient(j, grads)
+        self._parts = {}
+
+    def _put_gradient(self, j: int, grads: list[torch.Tensor]) -> None:
         rows, r = self._rows["train"], self._row
         if self._sample is not None:
-            kept, total = self._sample.put(j, [grad])
+            kept, total = self._sample.put(j, grads)
             rows.numel[r, j], rows.norm_scale[r, j] = kept, (total / kept) ** 0.5
             return
-        g = gather_values([grad])
+        g = gather_values(grads)
         rows.numel[r, j] = g.numel()
         gradient_stats(g, rows.tensors[r, j])
 
@@ -256,6 +304,7 @@ class StatsRecorder:
         will not update (a float16 overflow the scaler skips): no gradient or parameter statistics."""
         if self._row is None or self._split != "train":
             return
+        self._put_partial_gradients()
         if skip:
             self._rows["train"].numel[self._row, len(self.modules):] = 0  # read back as NaN, "not measured"
         else:
@@ -268,9 +317,11 @@ class StatsRecorder:
 
     def end_step(self) -> None:
         """The step is over: its row is complete."""
-        r, self._row = self._row, None
-        if r is None:
+        if self._row is None:
             return
+        if self._split == "train":
+            self._put_partial_gradients()
+        r, self._row = self._row, None
         rows = self._rows[self._split]
         rows.finish_row()
         if rows.full:
@@ -323,7 +374,21 @@ class StatsRecorder:
         valid_arrays = {f"valid_{k}": v for k, v in self._arrays("valid").items()} if valid else None
         edges = np.linspace(*self.hist_range, self.hist_bins + 1)
         return Stats(modules=list(self.modules), param_modules=list(self._tracker.names), hist_edges=edges,
-                     dead_threshold=self.dead_threshold, valid=valid_arrays, **train)
+                     dead_threshold=self.dead_threshold, valid=valid_arrays, module_notes=self.module_notes(), **train)
+
+    def module_notes(self) -> list[str]:
+        """Per watched module, why it has no statistics ("" when it has some): never called in a recorded
+        step (e.g. MultiheadAttention.out_proj, whose weights attention uses without calling it), or an
+        output with no floating-point tensor (integer indices, a mask)."""
+        notes = []
+        for i in range(len(self.modules)):
+            if i in self._no_float:
+                notes.append(f"its output holds no floating-point tensor ({self._no_float[i]}): not summarised")
+            elif not self._called[i]:
+                notes.append("not called in any recorded step")
+            else:
+                notes.append("")
+        return notes
 
     def save(self, path: str | Path, valid: bool = False) -> Path:
         """Write `stats.npz` (into `path` if it is a folder); returns the file."""

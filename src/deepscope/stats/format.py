@@ -13,7 +13,7 @@ from ..errors import DataError
 FORMAT_VERSION = 1
 FILE_NAME = "stats.npz"
 # Fields holding lists of names, stored as unicode arrays.
-_NAME_FIELDS = ("modules", "param_modules")
+_NAME_FIELDS = ("modules", "param_modules", "module_notes")
 _VALID_PREFIX = "valid_"
 
 
@@ -41,6 +41,12 @@ class Stats:
     update_ratio: np.ndarray       # (T, P) ||w_after - w_before|| / ||w_before||
     dead_threshold: float
     valid: dict[str, np.ndarray] | None = None  # valid_steps, valid_weights, valid_act_* when collected
+    module_notes: list[str] | None = None  # (M,) why a module has no statistics ("" when it has); see
+    #                                         StatsRecorder.module_notes; None in files of older versions
+
+    def notes(self) -> dict[str, str]:
+        """{module: note} for the modules that have one."""
+        return {m: n for m, n in zip(self.modules, self.module_notes or []) if n}
 
     def last(self) -> dict[str, dict[str, float]]:
         """The latest value per module, for a summary table: mean, std, dead, grad_norm, update_ratio
@@ -71,8 +77,10 @@ def save_stats(stats: Stats, path: str | Path) -> Path:
     arrays = {"format_version": np.array(FORMAT_VERSION)}
     for f in dataclasses.fields(Stats):
         value = getattr(stats, f.name)
+        if value is None:
+            continue  # an optional field that was not recorded
         if f.name == "valid":
-            arrays.update({k: np.asarray(v) for k, v in (value or {}).items()})
+            arrays.update({k: np.asarray(v) for k, v in value.items()})
         elif f.name in _NAME_FIELDS:
             arrays[f.name] = np.array(value, dtype=np.str_)
         else:
@@ -98,13 +106,18 @@ def load_stats(path: str | Path) -> Stats:
     if version is None or int(version) != FORMAT_VERSION:
         raise DataError(f"{file} has statistics format version {None if version is None else int(version)}, "
                         f"this deepscope reads version {FORMAT_VERSION}: re-record the run with this version")
-    needed = [f.name for f in dataclasses.fields(Stats) if f.name != "valid"]
+    needed = [f.name for f in dataclasses.fields(Stats) if f.default is dataclasses.MISSING]
     missing = [k for k in needed if k not in arrays]
     if missing:
         raise DataError(f"{file} lacks the keys {missing}; it was not written by deepscope.stats or is damaged")
     values = {k: arrays[k] for k in needed}
     for k in _NAME_FIELDS:
-        values[k] = [str(s) for s in values[k]]
+        if k in values:
+            values[k] = [str(s) for s in values[k]]
     values["dead_threshold"] = float(values["dead_threshold"])
+    if "module_notes" in arrays:
+        values["module_notes"] = [str(n) for n in arrays["module_notes"]]
+        if len(values["module_notes"]) != len(values["modules"]):
+            raise DataError(f"{file}: {len(values['module_notes'])} module notes for {len(values['modules'])} modules")
     valid = {k: v for k, v in arrays.items() if k.startswith(_VALID_PREFIX)}
     return Stats(**values, valid=valid or None)
