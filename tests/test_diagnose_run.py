@@ -304,3 +304,35 @@ def test_batchnorm_small_batch():
 def test_input_not_normalized():
     (f,) = found(diagnose(healthy_mlp(), make_batches(scale=80.0, shift=100.0), steps=5), "input_not_normalized")
     assert f.severity == "warning" and f.evidence["mean"] > 50
+
+
+def test_sequence_outputs_are_judged_per_feature_not_per_position():
+    """(N, L, C) embeddings: 'dead' is about the C features; 10 positions are not 10 units."""
+    from deepscope.diagnose.probe import unit_axis
+
+    torch.manual_seed(0)
+    L, C, V = 10, 16, 30
+    emb = nn.Embedding(V, C)
+    with torch.no_grad():
+        emb.weight[:, :10] = -1.0  # features 0-9 are negative for every token: dead after the ReLU
+
+    class SeqModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.act, self.head = emb, nn.ReLU(), nn.Linear(C, 4)
+
+        def forward(self, x):
+            return self.head(self.act(self.emb(x)).mean(1))
+
+    x = torch.randint(0, V, (64, L))
+    batches = [(x[i:i + 16], x[i:i + 16, 0] % 4) for i in range(0, 64, 16)]
+    findings = diagnose(SeqModel(), batches, steps=4, lr=1e-4)
+    dead = {f.module: f for f in findings if f.kind == "dead_units"}
+    assert "emb" not in dead, "the embedding's positions were mistaken for units"
+    assert dead["act"].evidence["units"] == C and dead["act"].evidence["dead_fraction"] == pytest.approx(10 / C)
+    # the axis rule itself
+    assert unit_axis(nn.Embedding(3, 4), torch.zeros(2, 5, 4)) == -1
+    assert unit_axis(nn.Conv1d(3, 4, 1), torch.zeros(2, 4, 5)) == 1
+    assert unit_axis(nn.ReLU(), torch.zeros(2, 5, 4), previous=-1) == -1
+    assert unit_axis(nn.ReLU(), torch.zeros(2, 4, 8, 8)) == 1
+    assert unit_axis(nn.LayerNorm([4, 8, 8]), torch.zeros(2, 4, 8, 8), previous=1) == 1

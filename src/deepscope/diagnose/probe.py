@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import norms
+
 from ..callback import Callback, CancelFitException
 from ..callbacks.device import to_device
 from ..hooks import Hooks, floating_tensors
@@ -34,14 +36,37 @@ def _saturation_range(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def output_stats(module: nn.Module, out: torch.Tensor) -> tuple[float, float, float, list[float]]:
-    """mean, std, share of outputs at a saturation limit (nan if not saturating), share "on" per channel.
+# Layers whose output holds its units (channels) on dim 1: (N, C, ...) convolutions and the norms made for them.
+CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm,
+                  norms.BatchNorm, norms.InstanceNorm, norms.GroupNorm, norms.RunningBatchNorm)
+# Layers whose output holds its units (features) last: (N, F), (N, L, F), (L, N, F).
+FEATURES_LAST = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention,
+                 nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.modules.rnn.RNNBase)
 
-    Channels are dim 1 for (N, C, ...) outputs, except after a Linear or LayerNorm (features last)."""
+
+def unit_axis(module: nn.Module, out: torch.Tensor, previous: int | None = None) -> int:
+    """The dim of `out` that holds the module's units: 1 for convolutions and their norms, the last dim
+    for Linear, Embedding, attention and RNN outputs, so an (N, L, C) sequence is judged per feature C,
+    never per position L. A module that keeps its input's layout (an activation, dropout, LayerNorm,
+    which may follow a convolution or a Linear) inherits `previous`, the axis of the layer that ran before
+    it; with none known, dim 1 for images (N, C, H, W) and the last dim otherwise."""
+    if isinstance(module, CHANNELS_FIRST):
+        return 1
+    if isinstance(module, FEATURES_LAST):
+        return -1
+    if previous is not None:
+        return previous
+    return 1 if out.dim() == 4 else -1
+
+
+def output_stats(module: nn.Module, out: torch.Tensor, axis: int | None = None) -> tuple[float, float, float, list[float]]:
+    """mean, std, share of outputs at a saturation limit (nan if not saturating), share "on" per unit.
+
+    Units lie on `axis` (see `unit_axis`, which gives it when None)."""
     t = out.detach().float()
     on = t.abs() > DEAD_ACTIVATION_ABS
     if t.dim() >= 2:
-        ch = -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
+        ch = unit_axis(module, t) if axis is None else axis
         on = on.movedim(ch, 0).reshape(t.shape[ch], -1)
     else:
         on = on.reshape(1, -1)
@@ -77,6 +102,7 @@ class Probe(Callback):
         self._hooks: Hooks | None = None
         self._checking = self._nonfinite_now = False
         self._batch = self._rng = self._before = self._last_leaf = None
+        self._axis, self._axis_ndim = None, None  # unit axis of the last leaf recorded (see unit_axis)
 
     # --- set-up ------------------------------------------------------------------------------------------
     def before_fit(self, learn) -> None:
@@ -95,6 +121,7 @@ class Probe(Callback):
         if self.device is not None:
             learn.batch = to_device(learn.batch, self.device)
         self.where = "forward"
+        self._axis = self._axis_ndim = None
         if learn.train_iter % self.every:
             return
         self._checking, self._step = True, learn.train_iter
@@ -129,7 +156,9 @@ class Probe(Callback):
         rec = self.record.modules.get(name)
         if rec is None:
             rec = self.record.modules[name] = ModuleRecord(name, type(module).__name__, len(self.record.modules))
-        mean, std, sat, active = output_stats(module, out)
+        axis = unit_axis(module, out, self._axis if out.dim() == self._axis_ndim else None)
+        self._axis, self._axis_ndim = axis, out.dim()  # what an activation after this layer inherits
+        mean, std, sat, active = output_stats(module, out, axis)
         rec.steps.append(self._step)
         rec.means.append(mean)
         rec.stds.append(std)
