@@ -227,3 +227,41 @@ def test_expanded_and_sliced_gradients_are_read_as_their_values():
         assert torch.equal(flat(t).sort().values, t.reshape(-1).sort().values)
         base, offset = memory_order(t)
         assert torch.equal(base.as_strided((t.numel(),), (1,), offset).sort().values, t.reshape(-1).sort().values)
+
+
+def test_containers_whose_output_functional_code_makes_are_named():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.lin(x)) + x  # the block's output: no module inside made it
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU())  # its output is its last child's
+
+        def forward(self, x):
+            return self.seq(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.plain, self.head = Block(), Plain(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.plain(self.block(x)))
+
+    model = Net()
+    with deepscope.watch(model) as w:
+        for _ in range(2):
+            model(torch.randn(3, 4)).sum().backward()
+            w.step()
+    assert w.stats().invisible == ["block"]
+    with deepscope.watch(model, modules=["block", "head"]) as w:
+        model(torch.randn(3, 4)).sum().backward()
+        w.step()
+    assert w.stats().invisible == [], "a watched container is seen"
+    assert all(not m._forward_hooks for m in model.modules()), "the discovery hooks are gone"

@@ -208,7 +208,9 @@ def build_context(run: dict) -> dict:
     layers = None
     if stats is not None and len(stats.modules) and len(stats.steps):
         sample = run["config"].get("config", {}).get("stats_sample")  # absent in runs of older versions
+        invisible = [name or "the model itself" for name in (getattr(stats, "invisible", None) or [])]
         layers = {"table": layer_table(stats), "figures": _layer_figures(stats), "n_steps": len(stats.steps),
+                  "invisible": invisible,
                   "sample": sample,
                   "status": [(m, figure_to_data_uri(status_screen(stats, m), DPI)) for m in status_modules(list(stats.modules))]}
     if lr_find and lr_find.get("lrs"):

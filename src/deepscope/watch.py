@@ -58,8 +58,10 @@ class Watch:
     # --- the context -------------------------------------------------------------------------------------
     def __enter__(self) -> "Watch":
         self.recorder.attach()
-        self.recorder.before_forward = self._begin_step
+        self.recorder.before_forward = self._begin_step  # for a submodule called on its own
         try:
+            # the model's own call opens the step before anything inside it runs
+            self._handles.append(self.model.register_forward_pre_hook(lambda m, inputs: self._begin_step(m)))
             self._handles.append(self.model.register_forward_hook(self._after_forward))
             if self.optimizer is not None:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._before_update))

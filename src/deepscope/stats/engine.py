@@ -27,6 +27,7 @@ that receives one.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -132,6 +133,10 @@ class StatsRecorder:
         self._row: int | None = None       # the row being filled in this step, if it is recorded
         self._seen: set[int] = set()       # modules already recorded in this row (first call only)
         self._parts: dict[int, list] = {}   # gradient row j -> [expected, arrived, gradients] (multi-part outputs)
+        self._invisible: list[str] | None = None  # see _discover
+        self._discovery: Hooks | None = None
+        self._produced: dict[int, tuple] = {}  # id(output) -> (weak reference, module name), one step
+        self._discovered = False
         self._pending = 0                  # recorded steps not yet summarised (see _summarise)
         self._sample: SampleBlock | None = None
         self._split = "train"
@@ -181,11 +186,55 @@ class StatsRecorder:
         # is watched by a tensor hook that _on_forward registers when the step is recorded (hooks.py says
         # why tensor hooks), so steps that are not recorded cost one Python call per module.
         self._hooks = [Hooks(chosen, self._on_forward)]
+        self._invisible = None  # found again in the first recorded training step
+
+    def _discover(self) -> None:
+        """For one step, hook every module to find containers whose output no module inside them made:
+        their forward ends in functional code (a residual sum, F.relu), which no leaf module shows."""
+        watched = set(self.modules)
+        containers = [(n, m) for n, m in self.model.named_modules() if next(m.children(), None) is not None]
+        self._invisible, self._produced, self._discovered = [], {}, False
+
+        def maker(t: torch.Tensor) -> str | None:
+            # weak references: the outputs are not kept alive, and a dead tensor's reused id is no match
+            entry = self._produced.get(id(t))
+            return entry[1] if entry is not None and entry[0]() is t else None
+
+        def seen(hook, module, inputs, output) -> None:
+            name, tensors = hook.name, floating_tensors(output)
+            if not tensors:
+                return
+            is_container = next(module.children(), None) is not None
+            if is_container and name not in watched:
+                prefix = f"{name}." if name else ""
+                if not any((m := maker(t)) is not None and m.startswith(prefix) for t in tensors):
+                    self._invisible.append(name)
+            for t in tensors:
+                if maker(t) is None:
+                    self._produced[id(t)] = (weakref.ref(t), name)
+            if module is self.model:
+                self._discovered = True
+
+        leaves = [(n, m) for n, m in self.model.named_modules() if next(m.children(), None) is None]
+        self._discovery = Hooks(leaves + containers, seen)
+
+    def _end_discovery(self) -> None:
+        if self._discovery is not None:
+            self._discovery.remove()
+            self._discovery, self._produced = None, {}
+            if not self._discovered:  # begun inside a forward pass: the model's own call was missed
+                self._invisible = None  # look again at the next recorded step
+
+    def invisible_outputs(self) -> list[str]:
+        """Containers (not watched) whose output is made by functional code in their forward, found in the
+        first recorded training step; "" is the model itself. Watch one by name to see its output."""
+        return list(self._invisible or [])
 
     def remove(self) -> None:
         """Remove the hooks (idempotent); what was recorded stays available."""
         for hooks in self._hooks:
             hooks.remove()
+        self._end_discovery()
         self._hooks, self._row = [], None
 
     def close(self) -> None:
@@ -213,6 +262,8 @@ class StatsRecorder:
             self._row = None
             return False
         self._row = self._rows[split].start_row(step)
+        if self._invisible is None and split == "train":
+            self._discover()
         if not self._pending:
             self._block_start = (split, self._row)
         self._pending += 1
@@ -317,6 +368,7 @@ class StatsRecorder:
 
     def end_step(self) -> None:
         """The step is over: its row is complete."""
+        self._end_discovery()
         if self._row is None:
             return
         if self._split == "train":
@@ -374,7 +426,8 @@ class StatsRecorder:
         valid_arrays = {f"valid_{k}": v for k, v in self._arrays("valid").items()} if valid else None
         edges = np.linspace(*self.hist_range, self.hist_bins + 1)
         return Stats(modules=list(self.modules), param_modules=list(self._tracker.names), hist_edges=edges,
-                     dead_threshold=self.dead_threshold, valid=valid_arrays, module_notes=self.module_notes(), **train)
+                     dead_threshold=self.dead_threshold, valid=valid_arrays, module_notes=self.module_notes(),
+                     invisible=self.invisible_outputs(), **train)
 
     def module_notes(self) -> list[str]:
         """Per watched module, why it has no statistics ("" when it has some): never called in a recorded

@@ -13,7 +13,7 @@ from ..errors import DataError
 FORMAT_VERSION = 1
 FILE_NAME = "stats.npz"
 # Fields holding lists of names, stored as unicode arrays.
-_NAME_FIELDS = ("modules", "param_modules", "module_notes")
+_NAME_FIELDS = ("modules", "param_modules", "module_notes", "invisible")
 _VALID_PREFIX = "valid_"
 
 
@@ -43,6 +43,8 @@ class Stats:
     valid: dict[str, np.ndarray] | None = None  # valid_steps, valid_weights, valid_act_* when collected
     module_notes: list[str] | None = None  # (M,) why a module has no statistics ("" when it has); see
     #                                         StatsRecorder.module_notes; None in files of older versions
+    invisible: list[str] | None = None     # containers whose output functional code makes, unwatched
+    #                                         (StatsRecorder.invisible_outputs; "" is the model itself)
 
     def notes(self) -> dict[str, str]:
         """{module: note} for the modules that have one."""
@@ -115,6 +117,8 @@ def load_stats(path: str | Path) -> Stats:
         if k in values:
             values[k] = [str(s) for s in values[k]]
     values["dead_threshold"] = float(values["dead_threshold"])
+    if "invisible" in arrays:
+        values["invisible"] = [str(n) for n in arrays["invisible"]]
     if "module_notes" in arrays:
         values["module_notes"] = [str(n) for n in arrays["module_notes"]]
         if len(values["module_notes"]) != len(values["modules"]):
