@@ -27,7 +27,8 @@ def check_watch_outputs(out: Path) -> str:
     html = (out / "report.html").read_text()
     # one self-contained file: every image inlined, no script, stylesheet or font fetched from anywhere
     sources = re.findall(r"""\ssrc\s*=\s*["']?([^"'\s>]*)""", html, re.I)
-    assert "<img" in html and all(src.startswith("data:image/png;base64,") for src in sources), [s[:40] for s in sources]
+    assert "<img" in html and sources
+    assert all(src.startswith("data:image/png;base64,") for src in sources), [src[:40] for src in sources]
     assert not re.search(r"<link\b|@import|url\(\s*[\"']?\s*(https?:)?//", html, re.I)
     return html
 
