@@ -181,3 +181,28 @@ def test_bad_arguments_are_clear_errors():
             pass
     with pytest.raises(ConfigError, match="every"):
         deepscope.watch(mlp(), every=0)
+
+
+def test_report_path_rules_and_settings(tmp_path, one_thread):
+    model, data = mlp(), batches(n=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    with deepscope.watch(model, opt) as w:
+        plain_loop(model, data, w, opt=opt)
+    assert w.report(tmp_path / "new" / "folder") == tmp_path / "new" / "folder" / "report.html"
+    assert w.report(tmp_path / "mine.html") == tmp_path / "mine.html"
+    html = w.report(tmp_path / "x.html", config={"batch_size": 16}).read_text()
+    for text in ("AdamW", "0.003", "0.05", "batch_size"):
+        assert text in html, text
+    settings = w.settings()
+    assert settings["optimizer"] == "AdamW" and settings["lr"] == 3e-3 and "foreach" not in settings
+
+
+def test_attention_is_watched_whole_by_default(one_thread):
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
+    with deepscope.watch(layer) as w:
+        layer(torch.randn(2, 5, 8)).sum().backward()
+        w.step()
+    s = w.stats()
+    assert "self_attn" in s.modules and "self_attn.out_proj" not in s.modules
+    assert s.notes() == {}, "every default module ran"
+    assert np.isfinite(s.act_mean[0, s.modules.index("self_attn")])

@@ -50,6 +50,11 @@ def _default_choice(name: str, module: nn.Module) -> bool:
     return owns_params or _is_activation(name, module) or isinstance(module, _NORM_TYPES)
 
 
+# Modules the default choice watches as a unit instead of their leaves: attention owns its input projection
+# directly and uses its `out_proj` Linear's weights without calling it, so the leaf would never run.
+WATCHED_AS_UNITS = (nn.MultiheadAttention,)
+
+
 def select_modules(model: nn.Module, *, types: type | tuple[type, ...] | None = None,
                    names: Iterable[str] | None = None, filter: Callable[[str, nn.Module], bool] | None = None,
                    leaf_only: bool = True) -> list[tuple[str, nn.Module]]:
@@ -59,13 +64,20 @@ def select_modules(model: nn.Module, *, types: type | tuple[type, ...] | None = 
     `filter(name, module) -> bool`. A name given exactly selects that module even if it has children; a
     pattern matches leaves only. `leaf_only` keeps modules without children (pass False to select
     containers such as "block0"). With no criterion, the default picks leaf modules that own parameters
-    directly or are activations or normalisation layers, so pooling/flatten/dropout layers are left out.
-    The root module "" is never selected by default.
+    directly or are activations or normalisation layers, so pooling/flatten/dropout layers are left out,
+    and watches `WATCHED_AS_UNITS` (attention) whole. The root module "" is never selected by default.
     """
     patterns = list(names) if names is not None else None
     exact = set(patterns or ())
+    default = types is None and patterns is None and filter is None
+    units = [n for n, m in model.named_modules() if isinstance(m, WATCHED_AS_UNITS)] if default else []
     chosen = []
     for name, module in model.named_modules():
+        if default and name in units:  # chosen whole, children and all (see WATCHED_AS_UNITS)
+            chosen.append((name, module))
+            continue
+        if any(name.startswith(f"{u}.") for u in units):
+            continue
         # A container named exactly (a residual block, a Transformer layer) is watched as a unit: its
         # output is what its functional ops (a residual sum, F.relu) make, which no leaf module shows.
         if leaf_only and next(module.children(), None) is not None and name not in exact:

@@ -111,6 +111,14 @@ def _names(available: Sequence[str], wanted: Sequence[str] | str | None) -> list
     return [(available.index(w), w) for w in wanted]
 
 
+def _recorded(stats) -> list[str]:
+    """Modules with at least one recorded activation: the default of the per-layer plots, so a module
+    never called (MultiheadAttention.out_proj) or with no float output draws no empty line or panel."""
+    if len(stats.steps) == 0:
+        return list(stats.modules)
+    return [name for i, name in enumerate(stats.modules) if np.isfinite(stats.act_mean[:, i]).any()]
+
+
 def _lines(ax, x, columns, labels, *, title: str, ylabel: str, logy: bool = False, legend: bool = True) -> list:
     """One line per column; returns the lines. Past ten lines the default colours repeat, so colour follows
     depth (early layers dark, late layers light) instead."""
@@ -141,7 +149,7 @@ def mean_std_plot(stats, modules: Sequence[str] | None = None, axs=None):
     if axs is None:
         fig, axs = plt.subplots(1, 2, figsize=(11, 3.5))
     fig = axs[0].figure
-    cols = _names(stats.modules, modules)
+    cols = _names(stats.modules, _recorded(stats) if modules is None else modules)
     labels = [name for _, name in cols]
     _lines(axs[0], stats.steps, [stats.act_mean[:, i] for i, _ in cols], labels, title="activation mean", ylabel="mean",
            legend=False)
@@ -175,7 +183,7 @@ def color_dim(stats, module: str, ax=None, *, title: str | None = None):
 
 def color_dim_grid(stats, modules: Sequence[str] | None = None, ncols: int = 4):
     """`color_dim` for every layer, one panel each (unused grid cells are removed)."""
-    cols = _names(stats.modules, modules)
+    cols = _names(stats.modules, _recorded(stats) if modules is None else modules)
     ncols = max(1, min(ncols, len(cols)))
     nrows = max(1, -(-len(cols) // ncols))
     fig, axs = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
@@ -194,7 +202,7 @@ def color_dim_grid(stats, modules: Sequence[str] | None = None, ncols: int = 4):
 def dead_chart(stats, modules: Sequence[str] | None = None, ax=None):
     """Fraction of near-zero ("dead") activations per layer over training, on a 0..1 axis."""
     fig, ax = _axes(ax)
-    cols = _names(stats.modules, modules)
+    cols = _names(stats.modules, _recorded(stats) if modules is None else modules)
     _lines(ax, stats.steps, [stats.act_dead[:, i] for i, _ in cols], [n for _, n in cols],
            title=f"dead activations (|a| ≤ {float(stats.dead_threshold):.2g})", ylabel="fraction")
     ax.set_ylim(0, 1)

@@ -30,6 +30,8 @@ from .stats.engine import SAMPLE_SIZE, ModuleSpec, StatsRecorder
 from .stats.format import Stats
 
 _LOSS_BLOCK = 64  # losses kept on the device before one read-back
+# param_group keys that choose an implementation, not the training: left out of the report's settings
+_IMPLEMENTATION_FLAGS = {"params", "foreach", "capturable", "differentiable", "fused", "maximize"}
 
 
 class Watch:
@@ -158,18 +160,31 @@ class Watch:
         s = self.stats()
         return sort_findings(analyse_history(s.modules, s.steps, s.act_std, s.act_dead, self.losses, self.n_classes()))
 
-    def report(self, path: str | Path = "report.html") -> Path:
-        """Write a self-contained report.html of this run to `path` (a file, or a folder to write it
-        into); returns the file. No run folder or config is needed."""
+    def settings(self) -> dict:
+        """What the report shows as this run's configuration: the model, the watch options and the
+        optimiser with its first parameter group's hyper-parameters."""
+        out = {"model": type(self.model).__name__, **self.options}
+        if self.optimizer is not None:
+            group = self.optimizer.param_groups[0]
+            out["optimizer"] = type(self.optimizer).__name__
+            out.update({k: v for k, v in group.items()
+                        if k not in _IMPLEMENTATION_FLAGS and isinstance(v, (int, float, str, tuple, bool))})
+        return out
+
+    def report(self, path: str | Path = "report.html", *, config: dict | None = None) -> Path:
+        """Write a self-contained report of this run and return the file: to `path` itself when it ends
+        in `.html`, else into the folder `path` (made if missing) as `report.html`. `config`: your own
+        settings to show beside the optimiser's (e.g. {"batch_size": 64}). No run folder is needed."""
         from .report import render_run
         from .runfolder import environment, write_text
 
         path = Path(path)
-        if path.is_dir():
+        if path.suffix.lower() not in (".html", ".htm"):
+            path.mkdir(parents=True, exist_ok=True)
             path = path / "report.html"
         param = next(self.model.parameters(), None)
         run = {"dir": path.parent, "title": f"deepscope watch: {type(self.model).__name__}",
-               "config": {"config": {"model": type(self.model).__name__, **self.options},
+               "config": {"config": {**self.settings(), **(config or {})},
                           "environment": environment(param.device if param is not None else "cpu"), "data": {},
                           "wall_seconds": time.perf_counter() - self._started if self._started else None},
                "metrics": [], "recorder": {"loss": self.losses} if self._losses else None,
