@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapter import LossLog, findings_of, write_report
 from .errors import ConfigError
 from .stats.engine import SAMPLE_SIZE, ModuleSpec, StatsRecorder
 from .stats.format import Stats
 
-_LOSS_BLOCK = 64  # losses kept on the device before one read-back
 # param_group keys that choose an implementation, not the training: left out of the report's settings
 _IMPLEMENTATION_FLAGS = {"params", "foreach", "capturable", "differentiable", "fused", "maximize"}
 
@@ -51,8 +51,7 @@ class Watch:
         self._open = False        # a step has begun (its first forward ran) and not ended
         self._manual = False      # the user calls w.step(): it, not the optimiser, ends steps
         self._handles: list = []
-        self._losses: list[float] = []
-        self._pending_losses: list[torch.Tensor] = []
+        self._losses = LossLog()
         self._targets: torch.Tensor | None = None
         self._n_outputs: int | None = None
         self._started = None
@@ -85,7 +84,7 @@ class Watch:
         self.recorder.before_forward = None
         self._end_step()
         self.recorder.close()
-        self._read_losses()
+        self._losses.read()
 
     # --- hooks ---------------------------------------------------------------------------------------------
     def _begin_step(self, module: nn.Module) -> None:
@@ -119,26 +118,16 @@ class Watch:
         loss with chance level for a classifier. No host synchronisation."""
         self._manual = True
         if loss is not None:
-            value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-            self._pending_losses.append(value)
-            if len(self._pending_losses) >= _LOSS_BLOCK:
-                self._read_losses()
+            self._losses.add(loss)
         if targets is not None and self._targets is None:
             self._targets = targets.detach()
         self._end_step()  # (already ended by the optimiser's post-hook on the first step)
-
-    def _read_losses(self) -> None:
-        if self._pending_losses:
-            self._losses.extend(torch.stack([t.to(self._pending_losses[0].device)
-                                             for t in self._pending_losses]).cpu().tolist())
-            self._pending_losses = []
 
     # --- results ---------------------------------------------------------------------------------------------
     @property
     def losses(self) -> list[float]:
         """The losses passed to `step`, one per step, as floats."""
-        self._read_losses()
-        return list(self._losses)
+        return self._losses.values
 
     def stats(self) -> Stats:
         """The same `Stats` as `ActivationStats.stats()`: everything recorded in the steps that ended."""
@@ -154,11 +143,7 @@ class Watch:
 
     def findings(self) -> list:
         """Diagnosis of everything recorded: `Finding`s, errors first (deepscope.diagnose)."""
-        from .diagnose.finding import sort_findings
-        from .diagnose.history import analyse_history
-
-        s = self.stats()
-        return sort_findings(analyse_history(s.modules, s.steps, s.act_std, s.act_dead, self.losses, self.n_classes()))
+        return findings_of(self.stats(), self.losses, self.n_classes())
 
     def settings(self) -> dict:
         """What the report shows as this run's configuration: the model, the watch options and the
@@ -175,23 +160,12 @@ class Watch:
         """Write a self-contained report of this run and return the file: to `path` itself when it ends
         in `.html`, else into the folder `path` (made if missing) as `report.html`. `config`: your own
         settings to show beside the optimiser's (e.g. {"batch_size": 64}). No run folder is needed."""
-        from .report import render_run
-        from .runfolder import environment, write_text
-
-        path = Path(path)
-        if path.suffix.lower() not in (".html", ".htm"):
-            path.mkdir(parents=True, exist_ok=True)
-            path = path / "report.html"
         param = next(self.model.parameters(), None)
-        run = {"dir": path.parent, "title": f"deepscope watch: {type(self.model).__name__}",
-               "config": {"config": {**self.settings(), **(config or {})},
-                          "environment": environment(param.device if param is not None else "cpu"), "data": {},
-                          "wall_seconds": time.perf_counter() - self._started if self._started else None},
-               "metrics": [], "recorder": {"loss": self.losses} if self._losses else None,
-               "findings": [f.to_dict() for f in self.findings()], "lr_find": None, "ablation": None,
-               "stats": self.stats()}
-        write_text(path, render_run(run))
-        return path
+        seconds = time.perf_counter() - self._started if self._started else None
+        return write_report(path, title=f"deepscope watch: {type(self.model).__name__}",
+                            settings={**self.settings(), **(config or {})}, stats=self.stats(),
+                            losses=self.losses, findings=self.findings(),
+                            device=param.device if param is not None else "cpu", wall_seconds=seconds)
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, modules: ModuleSpec = None,

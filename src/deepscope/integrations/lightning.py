@@ -10,7 +10,7 @@ A recorded step is one optimiser step. With `accumulate_grad_batches=k` it spans
 update: the gradient and parameter norms are those of the accumulated gradients, the activations and
 output gradients those of its first batch (the engine records a module at its first call in a step),
 and its loss is the mean of its batches' losses. Steps are numbered by `trainer.global_step`,
-Lightning's count of optimiser steps, so they match Lightning's logs.
+Lightning's count of optimiser steps (what `max_steps` counts).
 
 The Lightning hooks, in the order Lightning calls them:
   on_fit_start              a new record: hooks on the LightningModule, on the device the strategy chose
@@ -40,11 +40,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..diagnose.finding import Finding, sort_findings
-from ..diagnose.history import analyse_history
+from ..adapter import LossLog, findings_of, write_report
+from ..diagnose.finding import Finding
 from ..errors import ConfigError
-from ..report import render_run
-from ..runfolder import environment, write_text
 from ..stats.engine import SAMPLE_SIZE, ModuleSpec, StatsRecorder, check_options
 from ..stats.format import Stats, save_stats
 
@@ -53,7 +51,6 @@ if TYPE_CHECKING:
 
 INSTALL = "pip install deepscope[lightning]"
 _WHO = "DeepscopeCallback"
-_LOSS_BLOCK = 64  # step losses kept on the device before one read-back
 _OPTIONS = set(inspect.signature(StatsRecorder).parameters) - {"model", "modules", "who"}
 
 
@@ -81,8 +78,7 @@ class _Recording:
         self._skip = False      # ... but the float16 scaler skips that update
         self._loss: torch.Tensor | None = None  # sum of the open step's batch losses, on the device
         self._batches = 0       # batches with a loss in the open step
-        self._pending: list[torch.Tensor] = []
-        self._losses: list[float] = []
+        self._losses = LossLog()
         self._context: dict = {}
         self._started: float | None = None
         self._seconds: float | None = None
@@ -91,7 +87,7 @@ class _Recording:
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.close()
         self.recorder = StatsRecorder(pl_module, self.modules, who=_WHO, **self.options)
-        self._open, self._pending, self._losses = False, [], []
+        self._open, self._losses = False, LossLog()
         self._context = {"model": type(pl_module).__name__, "precision": str(trainer.precision),
                          "accumulate_grad_batches": trainer.accumulate_grad_batches, "device": str(pl_module.device)}
         self._started, self._seconds = time.perf_counter(), None
@@ -109,7 +105,8 @@ class _Recording:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self.recorder.recording and isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
             self.recorder.scale_gradients(scaler.scale(torch.ones((), device=pl_module.device)))
-            # scaler.step reads the same flags back right after this hook, so this read costs next to nothing
+            # (torch's private per-device flags, as MixedPrecisionStep reads them; scaler.step reads them back
+            # right after this hook anyway, so this read costs next to nothing)
             self._skip = any(v.item() for v in scaler._found_inf_per_device(optimizer).values())
         self.recorder.before_update(skip=self._skip)
 
@@ -127,9 +124,7 @@ class _Recording:
         self.recorder.end_step()
         self._open = False
         if self._loss is not None:  # Lightning divided each batch's loss by accumulate_grad_batches
-            self._pending.append(self._loss * (trainer.accumulate_grad_batches / self._batches))
-            if len(self._pending) >= _LOSS_BLOCK:
-                self._read_losses()
+            self._losses.add(self._loss * (trainer.accumulate_grad_batches / self._batches))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.close()
@@ -148,19 +143,13 @@ class _Recording:
         if self._started is not None and self._seconds is None:
             self._seconds = time.perf_counter() - self._started
         self._open = False
-        self._read_losses()
-
-    def _read_losses(self) -> None:
-        if self._pending:
-            self._losses.extend(torch.stack(self._pending).cpu().tolist())
-            self._pending = []
+        self._losses.read()
 
     # --- results -------------------------------------------------------------------------------------------
     @property
     def losses(self) -> list[float]:
         """The training loss of each step (the mean over its batches), as floats."""
-        self._read_losses()
-        return list(self._losses)
+        return self._losses.values
 
     def stats(self) -> Stats:
         """Everything recorded so far, the same `Stats` as `watch` and `ActivationStats` give."""
@@ -174,26 +163,16 @@ class _Recording:
 
     def findings(self) -> list[Finding]:
         """Diagnosis of everything recorded: `Finding`s, errors first (deepscope.diagnose)."""
-        s = self.stats()
-        return sort_findings(analyse_history(s.modules, s.steps, s.act_std, s.act_dead, self.losses, self.n_classes))
+        return findings_of(self.stats(), self.losses, self.n_classes)
 
-    def report(self, path: str | Path = "report.html") -> Path:
-        """Write a self-contained report.html of the fit to `path` (a file, or a folder to write it into);
-        returns the file. No run folder is needed."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "report.html"
-        stats, losses = self.stats(), self.losses
+    def report(self, path: str | Path = "report.html", *, config: dict | None = None) -> Path:
+        """Write a self-contained report of the fit and return the file: to `path` itself when it ends in
+        `.html`, else into the folder `path` as `report.html`. `config`: your own settings to show."""
         modules = self.modules if isinstance(self.modules, (list, tuple, str, type(None))) else "filter"
-        run = {"dir": path.parent, "title": f"deepscope lightning: {self._context.get('model', '')}",
-               "config": {"config": {**self._context, "modules": modules, **self.options},
-                          "environment": environment(self._context.get("device", "cpu")), "data": {},
-                          "wall_seconds": self._seconds},
-               "metrics": [], "recorder": {"loss": losses} if losses else None,
-               "findings": [f.to_dict() for f in self.findings()], "lr_find": None, "ablation": None,
-               "stats": stats}
-        write_text(path, render_run(run))
-        return path
+        return write_report(path, title=f"deepscope lightning: {self._context.get('model', '')}",
+                            settings={**self._context, "modules": modules, **self.options, **(config or {})},
+                            stats=self.stats(), losses=self.losses, findings=self.findings(),
+                            device=self._context.get("device", "cpu"), wall_seconds=self._seconds)
 
 
 def __getattr__(name: str):

@@ -136,7 +136,7 @@ class StatsRecorder:
         self._invisible: list[str] | None = None  # see _discover
         self._discovery: Hooks | None = None
         self._produced: dict[int, tuple] = {}  # id(output) -> (weak reference, module name), one step
-        self._discovered = False
+        self._discovered, self._discovery_tries = False, 0
         self._pending = 0                  # recorded steps not yet summarised (see _summarise)
         self._sample: SampleBlock | None = None
         self._split = "train"
@@ -186,7 +186,7 @@ class StatsRecorder:
         # is watched by a tensor hook that _on_forward registers when the step is recorded (hooks.py says
         # why tensor hooks), so steps that are not recorded cost one Python call per module.
         self._hooks = [Hooks(chosen, self._on_forward)]
-        self._invisible = None  # found again in the first recorded training step
+        self._invisible, self._discovery_tries = None, 0  # found again in the first recorded training step
 
     def _discover(self) -> None:
         """For one step, hook every module to find containers whose output no module inside them made:
@@ -222,8 +222,12 @@ class StatsRecorder:
         if self._discovery is not None:
             self._discovery.remove()
             self._discovery, self._produced = None, {}
-            if not self._discovered:  # begun inside a forward pass: the model's own call was missed
-                self._invisible = None  # look again at the next recorded step
+            self._discovery_tries += 1
+            if not self._discovered and self._discovery_tries < 2:
+                # begun inside a forward pass, the model's own call was missed: look again once (an
+                # adapter whose steps never call the model itself, Lightning's training_step, keeps the
+                # second look's answer)
+                self._invisible = None
 
     def invisible_outputs(self) -> list[str]:
         """Containers (not watched) whose output is made by functional code in their forward, found in the
@@ -373,7 +377,7 @@ class StatsRecorder:
             return
         if self._split == "train":
             self._put_partial_gradients()
-        r, self._row = self._row, None
+        self._row = None
         rows = self._rows[self._split]
         rows.finish_row()
         if rows.full:
