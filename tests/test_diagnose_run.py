@@ -336,3 +336,15 @@ def test_sequence_outputs_are_judged_per_feature_not_per_position():
     assert unit_axis(nn.ReLU(), torch.zeros(2, 5, 4), previous=-1) == -1
     assert unit_axis(nn.ReLU(), torch.zeros(2, 4, 8, 8)) == 1
     assert unit_axis(nn.LayerNorm([4, 8, 8]), torch.zeros(2, 4, 8, 8), previous=1) == 1
+
+
+@pytest.mark.parametrize("dtype, flagged", [(torch.uint8, False), (torch.int64, False), (torch.int32, True)])
+def test_class_labels_of_a_dtype_torch_takes_are_not_flagged(dtype, flagged):
+    """cross_entropy takes Long or Byte class indices: only what torch refuses is a finding."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = (x[:, 0] > 0).to(dtype)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    findings = diagnose(model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], steps=4)
+    kinds = {f.kind for f in findings if f.severity == "error"}
+    assert (("target_mismatch" in kinds) or ("exception" in kinds)) == flagged, findings

@@ -10,6 +10,9 @@ from .thresholds import (
 )
 
 _INTEGER_DTYPES = {"uint8", "int8", "int16", "int32", "int64"}
+# Class-index dtypes that F.cross_entropy and F.nll_loss take ("Long or Byte"; int8/16/32 raise): only
+# what torch itself refuses is flagged.
+_CLASS_INDEX_DTYPES = {"int64", "uint8"}
 _LOSS_NAMES = {"cross_entropy": "cross_entropy", "nll": "nll_loss", "mse": "mse_loss", "l1": "an L1-type loss",
                "bce": "binary_cross_entropy", "bce_logits": "binary_cross_entropy_with_logits"}
 IGNORE_INDEX = -100  # cross_entropy's and nll_loss's default ignore_index: such labels are skipped, not wrong
@@ -54,8 +57,8 @@ def check_targets(rec: SetupRecord) -> list[Finding]:
         if y != expected:
             return mismatch(f"{loss} on outputs of shape {out} expects targets of shape {expected}, but they have shape {y}.",
                             "Reshape the targets: y.view(-1) for (N, 1) labels, y.argmax(1) for one-hot labels.")
-        if rec.y_dtype != "int64":
-            return mismatch(f"{loss} expects int64 class labels, but the targets are {rec.y_dtype}.",
+        if rec.y_dtype not in _CLASS_INDEX_DTYPES:
+            return mismatch(f"{loss} expects int64 (or uint8) class labels, but the targets are {rec.y_dtype}.",
                             "Convert the labels with y.long().")
         if n_classes is not None and rec.y_max is not None and (
                 rec.y_max >= n_classes or (rec.y_min < 0 and rec.y_min != IGNORE_INDEX)):
