@@ -179,3 +179,24 @@ def test_a_nan_anywhere_in_the_loss_history_is_reported_with_its_step():
     assert f.evidence["epoch"] == 1 and "validation loss" in f.message
     assert check_nonfinite_history([2.3, 2.2], [2.1, None]) == []
     assert check_nonfinite_history([]) == []
+
+
+def test_not_learning_at_chance_and_flat_and_not_on_healthy_or_diverged_runs():
+    import math
+
+    from deepscope.diagnose.history import check_not_learning
+
+    rng = np.random.default_rng(0)
+    chance = math.log(10)
+    stuck = list(chance + rng.normal(0, 0.02, 300))
+    (f,) = check_not_learning(stuck, n_classes=10)
+    assert f.kind == "not_learning" and f.severity == "error" and f.evidence["steps"] == 300
+    assert check_not_learning(stuck[:99], n_classes=10) == [], "too short to judge"
+    healthy = list(chance * np.exp(-np.arange(300) / 80) + 0.2 + rng.normal(0, 0.02, 300))
+    assert check_not_learning(healthy, n_classes=10) == []
+    came_back = list(np.r_[np.linspace(chance, 1.0, 100), np.full(200, chance)])  # lr_too_high's case
+    assert check_not_learning(came_back, n_classes=10) == []
+    flat = list(0.8 + rng.normal(0, 0.005, 200))  # a regression loss that does not move
+    (f,) = check_not_learning(flat)
+    assert f.severity == "warning"
+    assert check_not_learning(list(np.linspace(0.8, 0.5, 200))) == []

@@ -13,7 +13,7 @@ KINDS = (
     "target_mismatch", "softmax_before_cross_entropy", "probabilities_to_nll", "symmetric_init",
     "batchnorm_small_batch", "input_not_normalized", "no_gradient", "dead_units",
     "activation_explosion", "activation_collapse", "saturation", "lr_too_high", "lr_too_low",
-    "diverged",
+    "diverged", "not_learning",
 )
 SEVERITIES = ("error", "warning", "info")  # error: training cannot work; warning: it works badly; info: worth knowing
 

@@ -15,6 +15,7 @@ from .finding import Finding
 from .thresholds import (
     ACT_CRASH_FLOOR, ACT_CRASH_RATIO, CHANCE_LEARNED_MARGIN, CHANCE_SMOOTH, CHANCE_TOLERANCE, DEAD_VALUES_ERROR,
     DEAD_VALUES_WARNING, HISTORY_MIN_POINTS, HISTORY_TAIL_MIN, LOSS_RISE_ERROR, LOSS_SPIKE_RATIO,
+    NOT_LEARNING_DROP, NOT_LEARNING_MIN_STEPS,
 )
 
 _FIX_DIVERGED = ("Lower the learning rate (3-10x; an LR finder shows the usable range) or warm it up; add "
@@ -157,10 +158,47 @@ def check_nonfinite_history(losses: list[float], valid_losses: list[float] = ())
     return []
 
 
+def check_not_learning(losses: list[float], n_classes: int | None = None) -> list[Finding]:
+    """'not_learning' once NOT_LEARNING_MIN_STEPS finite losses are recorded: a classifier whose loss never
+    came CHANCE_LEARNED_MARGIN below chance, ln(n_classes), and ends at chance (error: it predicts no better
+    than guessing), or a loss of unknown chance level whose last quarter is within NOT_LEARNING_DROP of its
+    first steps (warning). Loss that went down and came back is lr_too_high's, not this check's."""
+    values = []
+    for v in losses:
+        if not math.isfinite(v):
+            break
+        values.append(float(v))
+    if len(values) < NOT_LEARNING_MIN_STEPS:
+        return []
+    v = np.array(values)
+    k = tail_size(len(v))
+    first, final = float(v[:CHANCE_SMOOTH].mean()), float(v[-max(k, len(v) // 4):].mean())
+    lowest = float(np.convolve(v, np.ones(CHANCE_SMOOTH) / CHANCE_SMOOTH, mode="valid").min())
+    evidence = {"first_loss": first, "final_loss": final, "lowest_loss": lowest, "steps": len(v)}
+    fix = ("Check that the labels match the inputs (shuffle them together), that the parameters are trainable "
+           "and given to the optimizer, and that the learning rate is not far too low (an LR finder shows the "
+           "usable range).")
+    if n_classes is not None and n_classes >= 2:
+        chance = math.log(n_classes)
+        if lowest > chance * (1 - CHANCE_LEARNED_MARGIN) and final >= chance * (1 - CHANCE_TOLERANCE):
+            return [Finding("not_learning", "", "error",
+                            f"After {len(v)} steps the training loss is {final:.4g}, chance level for {n_classes} "
+                            f"classes (ln {n_classes} = {chance:.4g}), and it never came more than "
+                            f"{CHANCE_LEARNED_MARGIN:.0%} below it: the model predicts no better than guessing.",
+                            fix, {**evidence, "n_classes": n_classes, "chance_loss": chance})]
+        return []
+    if first > 0 and final >= first * (1 - NOT_LEARNING_DROP) and lowest >= first * (1 - 2 * NOT_LEARNING_DROP):
+        return [Finding("not_learning", "", "warning",
+                        f"After {len(v)} steps the training loss is {final:.4g}, within {NOT_LEARNING_DROP:.0%} of "
+                        f"where it started ({first:.4g}): the model is not learning.", fix, evidence)]
+    return []
+
+
 def analyse_history(modules: list[str], steps: np.ndarray, act_std: np.ndarray, act_dead: np.ndarray,
                     losses: list[float], n_classes: int | None = None,
                     valid_losses: list[float] = ()) -> list[Finding]:
     """All checks on the run's history (pass empty arrays for what was not recorded); `valid_losses` is
     the validation loss of each epoch, when there is one."""
     return (check_nonfinite_history(losses, valid_losses) + check_activation_crash(modules, steps, act_std)
-            + check_dead_history(modules, steps, act_dead) + check_loss_history(losses, n_classes))
+            + check_dead_history(modules, steps, act_dead) + check_loss_history(losses, n_classes)
+            + check_not_learning(losses, n_classes))

@@ -107,3 +107,11 @@ CHANCE_TOLERANCE = 0.03
 # had learned something and lost it, which is divergence, not a learning rate too low to start.
 CHANCE_LEARNED_MARGIN = 0.05
 CHANCE_SMOOTH = 5
+
+# not_learning: judged only after this many finite training losses. The default CNN's loss is 20 % below
+# chance within ~20 steps at lr 1e-2, and a learning rate 10-30x lower still moves it by then; a model
+# whose loss has not moved after 100 steps is stuck, not slow.
+NOT_LEARNING_MIN_STEPS = 100
+# ...for a loss with no known chance level: stuck when the last quarter's mean is within 2 % of the first
+# steps' mean (batch noise of a flat loss is a few percent; any learning run moves it far more).
+NOT_LEARNING_DROP = 0.02
