@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import write_tiny_dataset
 from deepscope.cli import main
@@ -310,3 +311,103 @@ def test_quiet_silences_the_bars_on_a_terminal_and_keeps_the_table(data, tmp_pat
     assert "it/s]" in loud or "s/it]" in loud, "the bars show on a terminal without --quiet"
     assert "it/s]" not in quiet_out and "s/it]" not in quiet_out
     assert "valid_accuracy" in quiet_out and "done in" in quiet_out
+
+
+@pytest.mark.parametrize("damage", ["no columns", "short rows", "strings", "edges", "notes", "pickle"])
+def test_report_on_a_stats_file_whose_arrays_do_not_fit(damage, tmp_path, capsys):
+    import numpy as np
+
+    from deepscope.stats import load_stats, save_stats
+    from deepscope.stats.format import Stats
+
+    run = _run_folder(tmp_path)
+    T, M, P, B = 3, 2, 1, 4
+    z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    stats = Stats(modules=["a", "b"], steps=np.arange(T), weights=np.ones(T, np.int64), act_mean=z(T, M),
+                  act_std=z(T, M), act_min=z(T, M), act_max=z(T, M), act_dead=z(T, M), act_nonfinite=z(T, M),
+                  act_hist=z(T, M, B), hist_edges=np.linspace(0, 1, B + 1), grad_mean=z(T, M), grad_std=z(T, M),
+                  grad_norm=z(T, M), grad_nonfinite=z(T, M), param_modules=["a"], weight_norm=z(T, P),
+                  param_grad_norm=z(T, P), update_ratio=z(T, P), dead_threshold=1e-3, module_notes=["", ""])
+    save_stats(stats, run)
+    assert load_stats(run).modules == ["a", "b"]
+    with np.load(run / "stats.npz") as f:
+        arrays = dict(f)
+    if damage == "no columns":
+        arrays["act_mean"] = z(T, 0)
+    elif damage == "short rows":
+        arrays["act_std"] = z(1, M)
+    elif damage == "strings":
+        arrays["grad_norm"] = np.array([["x"] * M] * T)
+    elif damage == "edges":
+        arrays["hist_edges"] = np.array(["a", "b"])
+    elif damage == "notes":
+        arrays["module_notes"] = np.array(["only one"])
+    if damage == "pickle":
+        np.savez(run / "stats.npz", **arrays, junk=np.array([object()], dtype=object))
+    else:
+        np.savez(run / "stats.npz", **arrays)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "stats.npz" in err and "Traceback" not in err
+    assert not (run / "report.html").exists()
+
+
+def test_config_and_recipe_name_the_same_optimizers():
+    from deepscope import config, recipe
+
+    assert set(config.OPTIMIZER_NAMES) == set(recipe.OPTIMIZER_NAMES)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "1e300"], "float32"), (["--weight-decay", "1e39"], "float32"),
+    (["--seed", "99999999999999999999999"], "seed"), (["--stats-sample", "99999999999"], "stats sample"),
+    (["--act", "bogus"], "unknown activation"), (["--opt", "bogus"], "unknown optimizer"),
+])
+def test_out_of_range_values_are_refused_before_any_folder_is_made(args, message, tmp_path, capsys):
+    try:
+        code = main(["train", "--data-dir", str(tmp_path / "nothing-here"), *args, "--out", str(tmp_path / "out")])
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "nothing-here" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_report_will_not_replace_a_report_it_cannot_tell_it_wrote(tmp_path, capsys):
+    run = _run_folder(tmp_path)
+    (run / "report.html").write_text("my own notes")
+    assert main(["report", str(run)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (run / "report.html").read_text() == "my own notes"
+    assert main(["report", str(run), "--overwrite"]) == 0
+    assert "<html" in (run / "report.html").read_text().lower()
+
+
+def test_empty_batches_are_a_data_error():
+    from torch import nn
+
+    from deepscope import DataLoaders, Learner
+    from deepscope.errors import DataError
+
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    learn = Learner(nn.Linear(3, 2), DataLoaders([(x, y), (x[:0], y[:0])], None))
+    with pytest.raises(DataError, match="batch 1 holds no items"):
+        learn.fit(1)
+
+
+def test_leftover_staging_with_a_users_file_is_not_removed(tmp_path):
+    from deepscope.errors import OutputError
+    from deepscope.runfolder import RunFolder
+
+    out = tmp_path / "run"
+    run = RunFolder.prepare(out, "train", log=lambda m: None)
+    run.file("config.json").write_text("half")
+    (run.path / "tensorboard").mkdir()
+    (run.path / "tensorboard" / "events.out").write_text("e")
+    run._release()  # what kill -9 leaves
+    (run.path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="notes.txt"):
+        RunFolder.prepare(out, "train", log=lambda m: None)
+    assert (run.path / "notes.txt").read_text() == "mine"
+    assert not (run.path / "config.json").exists() and not (run.path / "tensorboard").exists(), "its own files went"

@@ -251,7 +251,7 @@ def test_sampled_statistics_leave_training_unchanged_and_estimate_the_whole():
 def test_unknown_module_names_are_an_error():
     from deepscope.errors import ConfigError
 
-    with pytest.raises(Exception, match="no leaf module"):
+    with pytest.raises(Exception, match="no module of the model matches"):
         learner([ActivationStats(modules=["nope*"])]).fit(1)
     with pytest.raises(ConfigError):
         ActivationStats(every=0)
@@ -339,3 +339,31 @@ def test_a_cancelled_step_has_activations_but_no_gradient_or_parameter_statistic
     assert np.isfinite(s.act_mean).all()
     assert np.isnan(s.grad_norm[2]).all() and np.isnan(s.update_ratio[2]).all()
     assert np.isfinite(np.delete(s.grad_norm, 2, axis=0)).all() and np.isfinite(np.delete(s.update_ratio, 2, axis=0)).all()
+
+
+@pytest.mark.parametrize("n", [5, 1024, 3000, 70_001])  # below, at and past the lane period, with a tail
+@pytest.mark.parametrize("hist_range, bins", [((0.0, 10.0), 40), ((0.5, 3.0), 7)])
+def test_exact_reductions_match_a_direct_torch_computation(n, hist_range, bins):
+    from deepscope.stats.collect import activation_stats, gradient_stats
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * 3).relu_() - torch.rand(n, generator=g) * (torch.rand(n, generator=g) < 0.3)
+    x[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), DEAD_THRESHOLD, 0.0])[:n]
+    out, hist = torch.full((6,), 7.0), torch.zeros(bins + 1)
+    activation_stats(x, DEAD_THRESHOLD, hist_range, out, hist)
+    finite = x[torch.isfinite(x)]
+    assert hist[0] == out[5] == (~torch.isfinite(x)).sum()
+    np.testing.assert_array_equal(hist[1:], torch.histc(finite.abs().clamp(*hist_range), bins, *hist_range))
+    assert out[4] == (x.abs() <= DEAD_THRESHOLD).sum()             # NaN is not dead, 1e-3 itself is
+    assert out[2].isnan() and out[3].isnan()                        # NaN propagates into min and max, as in torch
+    f = x.clone().nan_to_num_(0.0, 0.0, 0.0)                        # sum and norm of the finite values
+    out_f = torch.full((6,), 7.0)
+    activation_stats(f, DEAD_THRESHOLD, hist_range, out_f, torch.zeros(bins + 1))
+    torch.testing.assert_close(out_f[:2], torch.stack([f.double().sum(), f.double().norm()]).float())
+    assert out_f[2] == f.min() and out_f[3] == f.max() and out_f[5] == 0
+    grad = torch.full((6,), 7.0)
+    gradient_stats(x, grad)
+    assert grad[5] == 3 and grad[2:5].tolist() == [7.0] * 3         # min, max, dead untouched
+    gradient_stats(f, grad)
+    torch.testing.assert_close(grad[:2], out_f[:2])
+    assert grad[5] == 0

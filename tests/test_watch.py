@@ -176,7 +176,7 @@ def test_findings_and_a_report_without_a_run_folder(tmp_path, one_thread):
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ConfigError, match="nn.Module"):
         deepscope.watch("not a model")
-    with pytest.raises(ConfigError, match="no leaf module"):
+    with pytest.raises(ConfigError, match="no module of the model matches"):
         with deepscope.watch(mlp(), modules=["nope"]):
             pass
     with pytest.raises(ConfigError, match="every"):
@@ -206,3 +206,75 @@ def test_attention_is_watched_whole_by_default(one_thread):
     assert "self_attn" in s.modules and "self_attn.out_proj" not in s.modules
     assert s.notes() == {}, "every default module ran"
     assert np.isfinite(s.act_mean[0, s.modules.index("self_attn")])
+
+
+def test_closure_optimisers_get_parameter_statistics(one_thread):
+    model, (xb, yb) = mlp(), batches(n=1)[0]
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+    before = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss
+
+    with deepscope.watch(model, opt, subsample=None) as w:
+        for _ in range(3):
+            before.append(torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach().flatten()]))
+            opt.step(closure)
+    s = w.stats()
+    j = s.param_modules.index("0")
+    assert s.steps.tolist() == [0, 1, 2]
+    assert np.isfinite(s.update_ratio).all() and np.isfinite(s.act_mean).all()
+    for k in range(3):  # the weights each step started from, and the update it made
+        assert s.weight_norm[k, j] == pytest.approx(before[k].norm().item(), rel=1e-5)
+    after = torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach().flatten()])
+    assert s.update_ratio[2, j] == pytest.approx(((after - before[2]).norm() / before[2].norm()).item(), rel=1e-4)
+
+
+def test_a_model_without_submodules_is_watched_whole(one_thread):
+    model = nn.Linear(10, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with deepscope.watch(model, opt) as w:
+        plain_loop(model, batches(n=2), w, opt=opt)
+    s = w.stats()
+    assert s.modules == [""] and s.param_modules == [""] and np.isfinite(s.update_ratio).all()
+
+
+def test_a_no_grad_forward_in_train_mode_is_not_a_step(one_thread):
+    model, data = mlp(), batches(n=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with deepscope.watch(model, opt, subsample=None) as w:
+        for xb, yb in data:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss)
+            with torch.no_grad():
+                model(xb[:2])  # a quick look, still in train mode
+    s = w.stats()
+    assert w.steps == 3 and s.steps.tolist() == [0, 1, 2]
+    assert np.isfinite(s.grad_norm).all(), "every recorded step is a real training step"
+
+
+def test_an_entry_of_modules_that_matches_nothing_is_an_error():
+    with pytest.raises(ConfigError, match="nope"):
+        with deepscope.watch(mlp(), modules=["0", "nope"]):
+            pass
+
+
+def test_a_step_cut_short_by_an_error_is_dropped_and_a_new_with_starts_afresh(one_thread):
+    model, data = mlp(), batches(n=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = deepscope.watch(model, opt)
+    with pytest.raises(RuntimeError):
+        with w:
+            plain_loop(model, data[:2], w, opt=opt)
+            model(data[2][0])  # the third step's forward, then a crash before its backward
+            raise RuntimeError("crash")
+    assert w.stats().steps.tolist() == [0, 1] and len(w.losses) == 2
+    with w:
+        plain_loop(model, data[:1], w, opt=opt)
+    assert w.stats().steps.tolist() == [0] and len(w.losses) == 1 and w.steps == 1

@@ -10,6 +10,13 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: optimisers hold hyper-parameters as float32
+# Values of each tensor summarised per step, at most: the sample buffer holds 2 x modules x 8 steps of them
+# (~0.8 GB at this size for the default CNN's 13 modules); 0 (every value, exactly) needs no buffer.
+MAX_STATS_SAMPLE = 1 << 20
+# The optimizers `opt` may name: torch.optim's, or deepscope's hand-written ones with a ds_ prefix.
+OPTIMIZER_NAMES = ("adamw", "adam", "sgd", "rmsprop", "ds_sgd", "ds_momentum", "ds_rmsprop", "ds_adam", "ds_adamw")
+
 
 @dataclass
 class TrainConfig:
@@ -69,8 +76,20 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.name.replace('_', ' ')} must be a finite number, got {value}")
+            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+                raise ConfigError(f"{f.name.replace('_', ' ')} must be a finite number no larger than "
+                                  f"{FLOAT32_MAX:.3g} (float32), got {value}")
+        if not -2**63 <= self.seed < 2**64:
+            raise ConfigError(f"seed must be between -2**63 and 2**64 - 1 (what torch.manual_seed takes), got {self.seed}")
+        if self.stats_sample > MAX_STATS_SAMPLE:
+            raise ConfigError(f"stats sample must be at most {MAX_STATS_SAMPLE:,} values per tensor, got "
+                              f"{self.stats_sample:,}; use 0 for exact statistics of every value")
+        from .models import ACTIVATIONS
+
+        if self.act not in (*ACTIVATIONS, "general_relu"):
+            raise ConfigError(f"unknown activation {self.act!r}; choose one of {sorted([*ACTIVATIONS, 'general_relu'])}")
+        if self.opt not in OPTIMIZER_NAMES:
+            raise ConfigError(f"unknown optimizer {self.opt!r}; choose one of {list(OPTIMIZER_NAMES)}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
         if not self.nfs:

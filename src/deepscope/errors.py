@@ -22,10 +22,33 @@ class CheckpointError(DeepscopeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """The process was asked to stop (SIGTERM); raised where it was, so cleanup runs as for Ctrl-C."""
+    """The process was asked to stop (Ctrl-C, SIGTERM); raised where it was, so cleanup runs."""
 
     def __init__(self, signum: int):
         import signal
 
         self.signum = signum
         super().__init__(signal.Signals(signum).name)
+
+
+# The stop signal received, if any. Python raises a signal handler's exception wherever the main thread
+# is, and one raised inside a finaliser or a weakref callback is printed and swallowed: this remembers
+# the request so that the next safe point (`raise_pending_interrupt`) still stops. Process-wide, as
+# signals are; set only by the CLI's handlers.
+_pending: list[int] = []
+
+
+def request_interrupt(signum: int) -> None:
+    """A signal handler's body: remember the request, then raise Interrupted where the program is."""
+    _pending.append(signum)
+    raise Interrupted(signum)
+
+
+def raise_pending_interrupt() -> None:
+    """Raise Interrupted if a stop was requested and not yet acted on (see `_pending`)."""
+    if _pending:
+        raise Interrupted(_pending.pop())
+
+
+def clear_pending_interrupt() -> None:
+    _pending.clear()

@@ -23,7 +23,7 @@ from torch import nn
 from .callback import (
     BATCH_POINTS, CANCEL_EXCEPTIONS, EVENTS, PHASES, Callback, CallbackError, check_event_names,
 )
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, raise_pending_interrupt
 
 OptFactory = Callable[..., torch.optim.Optimizer]
 _CANCELS = tuple(CANCEL_EXCEPTIONS.values())
@@ -268,6 +268,11 @@ class Learner:
     def _all_batches(self) -> None:
         seen = 0
         for self.iter, self.batch in enumerate(self.dl):
+            raise_pending_interrupt()  # a Ctrl-C that Python swallowed in a finaliser stops here
+            if isinstance(self.batch, (tuple, list)) and self.batch and isinstance(self.batch[0], torch.Tensor) \
+                    and self.batch[0].dim() > 0 and len(self.batch[0]) == 0:
+                raise DataError(f"{'training' if self.training else 'validation'} batch {self.iter} holds no items; "
+                                f"remove empty batches from the data (a batch needs at least one example)")
             seen += 1
             self._phase("batch", self._one_batch)
             if self.training:

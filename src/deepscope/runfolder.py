@@ -31,15 +31,14 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
 
-from .errors import DataError, OutputError
+from .errors import DataError, OutputError, raise_pending_interrupt
 
 # File names of a run folder: every writer and reader uses these constants.
 MARKER = ".deepscope-run.json"  # made by deepscope: kind, state, and (once complete) the files it wrote
@@ -56,6 +55,11 @@ LR_FIND_PNG = "lr_find.png"
 TENSORBOARD = "tensorboard"
 ABLATION_CSV, ABLATION_MD, ABLATION_PNG = "ablation.csv", "ablation.md", "ablation.png"
 STAGING_SUFFIX = ".partial"
+# What deepscope writes into a run while it is unfinished (an unfinished run has no list of its files yet):
+# the names above, their temporary files, TensorBoard's event files and the saved NaN batch. Only these are
+# removed from a staging folder; anything else in it stops the removal.
+OWN_PATTERNS = ("*.json", "*.json.tmp", "*.npz", "*.npz.tmp", "*.safetensors", "*.html", "*.html.tmp", "*.png",
+                "*.csv", "*.md", "nonfinite_batch.pt", f"{TENSORBOARD}/*", f"{TENSORBOARD}/**/*", ".lock")
 CONFIG_FORMAT = 1  # version of the config.json schema below
 KINDS = ("train", "doctor", "lr-find", "ablate")
 
@@ -134,6 +138,18 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
+def _is_own(rel: str) -> bool:
+    """Whether a file of an unfinished run (relative path) is one deepscope writes (OWN_PATTERNS)."""
+    path = PurePosixPath(rel)
+    return any(path.match(p) for p in OWN_PATTERNS) and (len(path.parts) == 1 or path.parts[0] == TENSORBOARD)
+
+
+def remove_unfinished(folder: Path) -> list[str]:
+    """Remove an unfinished run's files that deepscope writes, then its emptied folders; returns the files
+    left (someone else's), in which case the folder stays."""
+    return _remove_listed(folder, [f for f in _files_under(folder) if _is_own(f)])
+
+
 def _remove_listed(folder: Path, files: list[str]) -> list[str]:
     """Delete `files` (relative paths) from `folder`, then its emptied subfolders and the folder itself.
     Returns what is left (files that were not in the list), so nothing unlisted is ever removed."""
@@ -204,7 +220,7 @@ class RunFolder:
             self._write_marker(tmp, state="writing")
         except BaseException as e:  # also Ctrl-C here: nothing of this process may stay behind
             if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_unfinished(tmp)
             self._release()
             self._remove_made_parents()
             if not isinstance(e, OSError):
@@ -215,7 +231,7 @@ class RunFolder:
         try:
             os.rename(tmp, self.path)  # atomic: a staging folder always has its lock and marker
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_unfinished(tmp)
             self._release()
             self._remove_made_parents()
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
@@ -243,9 +259,13 @@ class RunFolder:
                               f"{marker.get('started', '?')}) is writing {self.final}; wait for it to finish "
                               f"or choose another --out") from None
         try:
-            shutil.rmtree(staging)
+            left = remove_unfinished(staging)
         finally:
             os.close(fd)
+        if left:
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            raise OutputError(f"{staging}, left by an interrupted run, also holds files deepscope did not write "
+                              f"({shown}); deepscope removed only its own: move those away, or choose another --out")
         self.log(f"removed {staging}, left by an interrupted run (pid {marker.get('pid', '?')}, started "
                  f"{marker.get('started', '?')})")
 
@@ -289,7 +309,10 @@ class RunFolder:
 
     # --- finish or abandon ---------------------------------------------------------------------------------
     def finish(self) -> Path:
-        """Move the complete run to its final place (swapping out an old run there when allowed)."""
+        """Move the complete run to its final place (swapping out an old run there when allowed). A stop
+        asked for earlier (Ctrl-C, SIGTERM) that Python swallowed where it arrived (in a finaliser) is
+        raised here instead, so the old run is not replaced after the user asked to stop."""
+        raise_pending_interrupt()
         files = [f for f in _files_under(self.path) if f not in (MARKER, LOCK)]
         self._write_marker(self.path, state="complete", files=files)
         _fsync_dir(self.path)
@@ -331,12 +354,17 @@ class RunFolder:
         """Remove the unfinished staging folder (this process made it); `<out>` is left as it was."""
         if self.finished:
             return
-        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            left = remove_unfinished(self.path)
+        except OSError:
+            left = ["(could not be read)"]
         self._remove_made_parents()
         if self.final.exists() and not _is_empty_dir(self.final):
             self.outcome = f"stopped before the run was complete; the old run in {self.final} is intact"
         else:
             self.outcome = f"stopped before the run was complete; nothing was written to {self.final}"
+        if left:
+            self.outcome += f" ({self.path} is kept: it holds files deepscope did not write: {', '.join(left[:5])})"
 
     def _remove_made_parents(self) -> None:
         for p in self._made_parents:  # innermost first; only folders this process created and left empty
@@ -451,6 +479,11 @@ def write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None  # a failed write() does not name its file
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -482,8 +515,8 @@ def read_json(path: str | Path, expect: type | tuple[type, ...] | None = None):
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise DataError(f"{path} is not valid JSON ({e}); re-create the run, or restore the file") from None
     if expect is not None and not isinstance(data, expect):
-        names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
-        raise DataError(f"{path} should hold a JSON {_json_name(names)}, not a {_json_name(type(data).__name__)}")
+        names = " or ".join(_json_name(t.__name__) for t in (expect if isinstance(expect, tuple) else (expect,)))
+        raise DataError(f"{path} should hold a JSON {names}; it holds a JSON {_json_name(type(data).__name__)}")
     return data
 
 
@@ -504,7 +537,7 @@ def read_config(run_dir: str | Path) -> dict:
     cfg = read_json(path, dict)
     for key in ("config", "options", "data", "environment"):
         if not isinstance(cfg.setdefault(key, {}), dict):
-            raise DataError(f"{path}: {key!r} should be a JSON object, not {_json_name(type(cfg[key]).__name__)}")
+            raise DataError(f"{path}: {key!r} should be a JSON object; it is a JSON {_json_name(type(cfg[key]).__name__)}")
     seconds = cfg.setdefault("wall_seconds", None)
     if seconds is not None and (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)):
         raise DataError(f"{path}: 'wall_seconds' should be a number, not {seconds!r}")

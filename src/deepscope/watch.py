@@ -58,6 +58,8 @@ class Watch:
 
     # --- the context -------------------------------------------------------------------------------------
     def __enter__(self) -> "Watch":
+        # a new `with` starts a new record (the engine's attach drops the old one): so do the counters
+        self.steps, self._open, self._manual, self._losses, self._targets = 0, False, False, LossLog(), None
         self.recorder.attach()
         self.recorder.before_forward = self._begin_step  # for a submodule called on its own
         try:
@@ -73,23 +75,28 @@ class Watch:
         self._started = time.perf_counter()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.remove(keep_open_step=exc_type is None)
 
-    def remove(self) -> None:
-        """End the open step, remove every hook (idempotent) and move what was recorded into the history."""
+    def remove(self, keep_open_step: bool = True) -> None:
+        """Remove every hook (idempotent) and move what was recorded into the history. The open step is
+        ended and kept, unless `keep_open_step` is False (the loop raised inside it: a step cut short is
+        dropped, as the Lightning callback drops it)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self.recorder.before_forward = None
-        self._end_step()
+        if keep_open_step:
+            self._end_step()
+        self._open = False
         self.recorder.close()
         self._losses.read()
 
     # --- hooks ---------------------------------------------------------------------------------------------
     def _begin_step(self, module: nn.Module) -> None:
-        """A watched module ran: the first one in training mode after a step ended begins the next."""
-        if not self._open and module.training:
+        """A watched module ran: the first one in training mode, with autograd on, after a step ended begins
+        the next (a forward under torch.no_grad() is inference, not training, whatever the module's mode)."""
+        if not self._open and module.training and torch.is_grad_enabled():
             self.recorder.start_step(self.steps)
             self._open = True
 
@@ -98,6 +105,10 @@ class Watch:
             self._n_outputs = output.shape[1]  # (N, C): C classes, if the targets are class indices
 
     def _before_update(self, optimizer, args, kwargs) -> None:
+        if not self._open and self.model.training:
+            # a closure-based optimiser (LBFGS) runs its forward passes inside step(): the step begins here
+            self.recorder.start_step(self.steps)
+            self._open = True
         self.recorder.before_update()
 
     def _after_update(self, optimizer, args, kwargs) -> None:
@@ -154,6 +165,10 @@ class Watch:
             out["optimizer"] = type(self.optimizer).__name__
             out.update({k: v for k, v in group.items()
                         if k not in _IMPLEMENTATION_FLAGS and isinstance(v, (int, float, str, tuple, bool))})
+            for key in list(out):  # a hyper-parameter that differs between parameter groups: one value each
+                values = [g.get(key) for g in self.optimizer.param_groups]
+                if key in group and len(values) > 1 and any(v != values[0] for v in values):
+                    out[key] = values
         return out
 
     def report(self, path: str | Path = "report.html", *, config: dict | None = None) -> Path:

@@ -10,7 +10,7 @@ import sys
 import threading
 
 from ..cpu_memory import keep_freed_memory
-from ..errors import DeepscopeError, Interrupted
+from ..errors import DeepscopeError, Interrupted, clear_pending_interrupt, request_interrupt
 
 # Module names under deepscope.cli, in the order `deepscope --help` lists them.
 SUBCOMMANDS = ("train", "report", "doctor", "lr_find", "ablate", "bench")
@@ -32,15 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signum)
+    request_interrupt(signum)
 
 
 # What to do about an OSError while reading or writing files, by errno.
-_OS_ADVICE = {errno.ENOSPC: "free some disk space or choose another --out",
-              errno.EDQUOT: "free some space within your quota or choose another --out",
-              errno.EFBIG: "the file grew past a size limit (ulimit -f); raise it or choose another --out",
-              errno.EACCES: "check the permissions, or choose another --out",
-              errno.EROFS: "the filesystem is read-only; choose another --out",
+_OS_ADVICE = {errno.ENOSPC: "free some disk space, or write somewhere else",
+              errno.EDQUOT: "free some space within your quota, or write somewhere else",
+              errno.EFBIG: "the file grew past a size limit (ulimit -f); raise it, or write somewhere else",
+              errno.EACCES: "check the permissions, or write somewhere else",
+              errno.EROFS: "the filesystem is read-only; write somewhere else",
               errno.EIO: "the disk reported an I/O error; check it"}
 
 
@@ -69,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     name = f"deepscope {args.command}"
     # SIGTERM stops the run the way Ctrl-C does, so the run folder is finished or abandoned cleanly.
     on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if on_main else None
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, _raise_interrupted) for s in stops} if on_main else {}
+    clear_pending_interrupt()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
+        clear_pending_interrupt()
         term = isinstance(e, Interrupted) and e.signum == signal.SIGTERM
         print(f"{name}: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
         _outcome(e)
@@ -85,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         _outcome(e)
         return 2
     finally:
-        if on_main:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _outcome(e: BaseException) -> None:

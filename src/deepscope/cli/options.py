@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: optimisers hold hyper-parameters as float32
+
 
 def _whole_number(text: str, minimum: int) -> int:
     try:
@@ -32,6 +34,8 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.3g} (training runs in float32), got {text!r}")
     return value
 
 

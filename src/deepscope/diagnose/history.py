@@ -174,7 +174,7 @@ def check_not_learning(losses: list[float], n_classes: int | None = None) -> lis
     k = tail_size(len(v))
     first, final = float(v[:CHANCE_SMOOTH].mean()), float(v[-max(k, len(v) // 4):].mean())
     lowest = float(np.convolve(v, np.ones(CHANCE_SMOOTH) / CHANCE_SMOOTH, mode="valid").min())
-    evidence = {"first_loss": first, "final_loss": final, "lowest_loss": lowest, "steps": len(v)}
+    evidence = {"first_losses_mean": first, "final_loss": final, "lowest_loss": lowest, "steps": len(v)}
     fix = ("Check that the labels match the inputs (shuffle them together), that the parameters are trainable "
            "and given to the optimizer, and that the learning rate is not far too low (an LR finder shows the "
            "usable range).")

@@ -28,6 +28,7 @@ that receives one.
 from __future__ import annotations
 
 import weakref
+import fnmatch
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -70,12 +71,22 @@ def choose_modules(model: nn.Module, spec: ModuleSpec, who: str) -> list[tuple[s
     patterns, or a `filter(name, module) -> bool`. ConfigError when nothing matches."""
     if spec is None:
         chosen = select_modules(model)
+        if not chosen and model is not None:  # a model with no submodules (a bare nn.Linear): watch it whole
+            chosen = [("", model)]
     elif callable(spec):
         chosen = select_modules(model, filter=spec)
     else:
-        chosen = select_modules(model, names=[spec] if isinstance(spec, str) else list(spec))
+        names = [spec] if isinstance(spec, str) else list(spec)
+        chosen = select_modules(model, names=names)
+        matched = [n for n, _ in chosen]
+        unmatched = [p for p in names if not any(n == p or fnmatch.fnmatchcase(n, p) for n in matched)]
+        if unmatched and chosen:
+            raise ConfigError(f"{who}: no module of the model matches {unmatched}; modules are named as in "
+                              f"model.named_modules(), e.g. {[n for n, _ in model.named_modules() if n][:6]}")
     if not chosen:
-        raise ConfigError(f"{who}: no leaf module of the model matches {spec!r}")
+        what = "the default choice" if spec is None else repr(spec)
+        raise ConfigError(f"{who}: no module of the model matches {what}; modules are named as in "
+                          f"model.named_modules(), e.g. {[n for n, _ in model.named_modules() if n][:6]}")
     return chosen
 
 

@@ -36,7 +36,7 @@ class Stats:
     grad_norm: np.ndarray          # (T, M)
     grad_nonfinite: np.ndarray     # (T, M)
     param_modules: list[str]       # P modules owning parameters directly
-    weight_norm: np.ndarray        # (T, P) after the step
+    weight_norm: np.ndarray        # (T, P) before the update: the weights the step ran with
     param_grad_norm: np.ndarray    # (T, P)
     update_ratio: np.ndarray       # (T, P) ||w_after - w_before|| / ||w_before||
     dead_threshold: float
@@ -103,7 +103,8 @@ def load_stats(path: str | Path) -> Stats:
         with np.load(file, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as e:
-        raise DataError(f"{file} is not a readable statistics file ({type(e).__name__}: {e})") from e
+        why = "it holds Python objects, which deepscope never writes" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
+        raise DataError(f"{file} is not a statistics file written by deepscope ({why})") from None
     version = arrays.get("format_version")
     if version is None or int(version) != FORMAT_VERSION:
         raise DataError(f"{file} has statistics format version {None if version is None else int(version)}, "
@@ -116,12 +117,40 @@ def load_stats(path: str | Path) -> Stats:
     for k in _NAME_FIELDS:
         if k in values:
             values[k] = [str(s) for s in values[k]]
-    values["dead_threshold"] = float(values["dead_threshold"])
+    try:
+        values["dead_threshold"] = float(values["dead_threshold"])
+    except (TypeError, ValueError):
+        raise DataError(f"{file}: dead_threshold is not a number; the file is damaged") from None
     if "invisible" in arrays:
         values["invisible"] = [str(n) for n in arrays["invisible"]]
     if "module_notes" in arrays:
         values["module_notes"] = [str(n) for n in arrays["module_notes"]]
-        if len(values["module_notes"]) != len(values["modules"]):
-            raise DataError(f"{file}: {len(values['module_notes'])} module notes for {len(values['modules'])} modules")
     valid = {k: v for k, v in arrays.items() if k.startswith(_VALID_PREFIX)}
-    return Stats(**values, valid=valid or None)
+    stats = Stats(**values, valid=valid or None)
+    check_shapes(stats, file)
+    return stats
+
+
+def check_shapes(stats: Stats, file: str | Path = "statistics") -> None:
+    """DataError naming the field when the arrays of `stats` do not fit together: every (T, M) field has
+    a row per step and a column per module, (T, P) fields a column per parameter-owning module, the
+    histogram B = len(hist_edges) - 1 bins, and all of them hold numbers."""
+    edges = stats.hist_edges
+    if not isinstance(edges, np.ndarray) or edges.ndim != 1 or len(edges) < 2 or not np.issubdtype(edges.dtype, np.number):
+        raise DataError(f"{file}: hist_edges should be at least 2 numbers; the file is damaged")
+    T, M, P = len(stats.steps), len(stats.modules), len(stats.param_modules)
+    B = len(edges) - 1
+    expected = {"steps": (T,), "weights": (T,), "act_hist": (T, M, B),
+                **{k: (T, P) for k in ("weight_norm", "param_grad_norm", "update_ratio")}}
+    for f in dataclasses.fields(Stats):
+        value = getattr(stats, f.name)
+        if not isinstance(value, np.ndarray) or f.name == "hist_edges":
+            continue
+        shape = expected.get(f.name, (T, M))
+        if value.shape != shape:
+            raise DataError(f"{file}: {f.name} has shape {value.shape}, but {T} steps, {M} modules, {P} modules "
+                            f"with parameters and {B} histogram bins make {shape}; the file is damaged")
+        if not np.issubdtype(value.dtype, np.number):
+            raise DataError(f"{file}: {f.name} holds {value.dtype} values, not numbers; the file is damaged")
+    if stats.module_notes is not None and len(stats.module_notes) != M:
+        raise DataError(f"{file}: {len(stats.module_notes)} module notes for {M} modules; the file is damaged")
