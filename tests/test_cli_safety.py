@@ -411,3 +411,22 @@ def test_leftover_staging_with_a_users_file_is_not_removed(tmp_path):
         RunFolder.prepare(out, "train", log=lambda m: None)
     assert (run.path / "notes.txt").read_text() == "mine"
     assert not (run.path / "config.json").exists() and not (run.path / "tensorboard").exists(), "its own files went"
+
+
+def test_ablate_with_a_diverging_lr_is_a_failure(data, tmp_path, capsys):
+    code = main(["ablate", "--data-dir", str(data), "--no-verify", "--norms", "none", "--batch-sizes", "16",
+                 "--variants", "default-relu", "--max-batches", "5", "--lr", "1e30", "--out", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert code == 1 and "training failed in 1 of 1 runs" in out
+
+
+def test_train_prints_the_errors_diagnosis_found(data, tmp_path, capsys, monkeypatch):
+    from deepscope.diagnose import Finding
+    from deepscope.diagnose import callback as diagnose_callback
+
+    # a finding from the run's history, as a real divergence would give, without the cost of training one
+    monkeypatch.setattr(diagnose_callback, "analyse_history", lambda *a, **k: [
+        Finding("lr_too_high", "", "error", "The training loss spiked.", "Lower the lr.")])
+    assert main(["train", "--data-dir", str(data), *FAST, "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "diagnosis found 1 error(s)" in out and "lr_too_high: The training loss spiked." in out

@@ -107,6 +107,7 @@ class RunResult:
     n_valid: int | None = None  # images in the validation set
     problem: str | None = None  # why the training failed (a non-finite loss), or None
     failed_steps: tuple[str, ...] = ()  # optional steps (the report) that could not be written
+    findings: tuple = ()  # the diagnosis of the run (Findings, errors first)
 
 
 def nonfinite_loss(losses: list[float], history: list[dict]) -> str | None:
@@ -174,4 +175,4 @@ def train(config: TrainConfig, *, progress: bool = True, quiet: bool = False, ov
         run_dir = run.finish()
     return RunResult(run_dir, metrics.history, time.perf_counter() - started, valid_samples(config, dls),
                      len(dls.valid.x) if hasattr(dls.valid, "x") else None,
-                     nonfinite_loss(recorder.losses, metrics.history), tuple(run.failed_optional))
+                     nonfinite_loss(recorder.losses, metrics.history), tuple(run.failed_optional), tuple(findings))

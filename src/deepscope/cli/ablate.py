@@ -66,6 +66,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
+    import math
     import time
 
     import torch
@@ -99,4 +100,10 @@ def run(args: argparse.Namespace) -> int:
         run_dir = run.finish()
     print(table)
     print(f"{len(rows)} runs in {seconds:.0f} s; wrote {run_dir / ABLATION_CSV}, {ABLATION_MD}, {ABLATION_PNG}")
+    failed = [r for r in rows if not math.isfinite(r["train_loss"])]
+    if failed:
+        names = ", ".join(sorted({f"{r['norm']} at batch {r['batch_size']} ({r['init']}-{r['act']})" for r in failed}))
+        print(f"training failed in {len(failed)} of {len(rows)} runs: the loss became NaN or infinite ({names}); "
+              f"their rows are not results. Lower --lr.")
+        return 1
     return 0

@@ -91,18 +91,24 @@ def run(args: argparse.Namespace) -> int:
     if result.problem:
         print(f"training failed after {result.seconds:.1f} s: {result.problem}. Lower the learning rate (--lr) "
               f"or run `deepscope doctor` with the same options; {where}")
-        return 1
-    last = result.history[-1] if result.history else {}
-    acc = last.get("valid_accuracy")
-    summary = ""
-    if acc is not None:
-        partial = result.valid_samples is not None and result.n_valid and result.valid_samples < result.n_valid
-        measured = (f" on {result.valid_samples:,} of {result.n_valid:,} test images (--limit-batches)" if partial
-                    else "")
-        summary = f"{'valid' if partial else 'test'} accuracy {100 * acc:.2f}%{measured}, "
-    print(f"done in {result.seconds:.1f} s: {summary}{where}")
+    else:
+        print(f"done in {result.seconds:.1f} s: {_accuracy(result)}{where}")
+    errors = [f for f in result.findings if f.severity == "error"]
+    if errors:
+        print(f"diagnosis found {len(errors)} error(s) in this run (details in findings.json and the report):")
+        for f in errors:
+            print(f"  {f.kind}{f' in {f.module!r}' if f.module else ''}: {f.message}")
     if result.failed_steps:
         print(f"warning: the run is complete but these could not be written: {', '.join(result.failed_steps)} "
               f"(the reason is printed above)")
-        return 1
-    return 0
+    return 1 if result.problem or result.failed_steps else 0
+
+
+def _accuracy(result) -> str:
+    """What the last validation pass measured, and on how many images."""
+    acc = (result.history[-1] if result.history else {}).get("valid_accuracy")
+    if acc is None:
+        return ""
+    partial = result.valid_samples is not None and result.n_valid and result.valid_samples < result.n_valid
+    measured = f" on {result.valid_samples:,} of {result.n_valid:,} test images (--limit-batches)" if partial else ""
+    return f"{'valid' if partial else 'test'} accuracy {100 * acc:.2f}%{measured}, "
