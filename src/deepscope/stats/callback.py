@@ -39,6 +39,8 @@ class ActivationStats(Callback):
         check_options("ActivationStats", **self.options)  # now, not when the fit starts
         self.every, self.train, self.valid = every, train, valid
         self.dead_threshold, self.subsample = float(dead_threshold), subsample
+        self.hist_bins, self.hist_range, self.recent, self.max_rows = hist_bins, hist_range, recent, max_rows
+        self.flush_every = flush_every
         self.recorder: StatsRecorder | None = None
 
     @property
