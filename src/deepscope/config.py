@@ -44,7 +44,7 @@ class TrainConfig:
     limit_batches: int | None = None  # stop each pass after this many batches (smoke runs)
     stats: bool = True  # collect per-layer statistics (activations, gradients, updates)
     stats_every: int = 1  # record them every N training steps
-    stats_sample: int = 4096  # values of each tensor summarised per step; 0: all of them (exact, ~2x slower per CPU step)
+    stats_sample: int = 4096  # values of each tensor summarised per step; 0: all of them (exact, ~1.6x the CPU step)
     tensorboard: bool = False  # also write TensorBoard event files
     out: str | None = None  # run folder; None makes runs/train-YYYYmmdd-HHMMSS
 

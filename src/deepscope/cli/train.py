@@ -53,7 +53,7 @@ def add_config_arguments(p: argparse.ArgumentParser, run_prefix: str = "train") 
                      help="record per-layer statistics every N training steps (default: %(default)s)")
     run.add_argument("--stats-sample", type=non_negative_int, default=d.stats_sample, metavar="N",
                      help="summarise N values of each output and gradient per step (default: %(default)s, about "
-                          "1.1x the step time on a 2-core CPU); 0 summarises all of them, exactly, at about 2x")
+                          "1.1x the step time on a 2-core CPU); 0 summarises all of them, exactly, at about 1.6x")
     run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files into the run folder")
     run.add_argument("--out", default=d.out, metavar="DIR", help=f"run folder to write (default: runs/{run_prefix}-<date>-<time>)")
     run.add_argument("--overwrite", action="store_true",

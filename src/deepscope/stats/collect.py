@@ -18,7 +18,7 @@ TENSOR_COLUMNS = ("sum", "norm", "min", "max", "dead", "nonfinite")  # norm: L2,
 # The activation histogram row holds the non-finite count first, then the B bins.
 
 # On the CPU, each pass over a big tensor costs about as much as the next, so the reductions here take as
-# few as they can and avoid the slow ones (benchmarks/stats_overhead.py --profile times each op):
+# few as they can and avoid the slow ones (benchmarks/stats_overhead.py prints the time of each op):
 # - a comparison written into bool is ~5x slower than one written straight into float32, and counting the
 #   bools slower than summing floats, so counts are float sums of 0/1 (exact up to 2^24, the float32 row's
 #   own precision);

@@ -118,7 +118,7 @@ class StatsRecorder:
     Per recorded step: activation mean, std, min, max, dead fraction (|a| <= `dead_threshold`),
     non-finite count and a histogram of |a| (`hist_bins` bins over `hist_range`); mean, std, L2 norm and
     non-finite count of each output's gradient; all of these from `subsample` values of each tensor (the
-    whole tensor when it is no larger; `None`: always the whole tensor, about 2x slower per CPU step).
+    whole tensor when it is no larger; `None`: always the whole tensor, about 1.6x the step on a CPU).
     For every module owning parameters: weight norm, gradient norm and update-to-weight ratio. The
     history keeps the last `recent` rows exactly and merges older ones, at most `max_rows` in all.
     Validation steps (`start_step(..., split="valid")`) record activations only, in their own history.

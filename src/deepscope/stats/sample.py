@@ -2,7 +2,7 @@
 
 Why sample: exact statistics of every value cost more than a training step can spare on a CPU: the
 exact mean, std, extremes, dead count, histogram and norm need several passes over each tensor, each a
-launch per module, about 2x the default CNN's step (benchmarks/stats_overhead.py). Here each hook copies
+launch per module, about 1.6x the default CNN's step (benchmarks/stats_overhead.py). Here each hook copies
 at most `size` values into one (tensors, steps, size) buffer with a single strided copy, and a dozen
 launches per block of steps then summarise every module together.
 
