@@ -265,3 +265,25 @@ def test_containers_whose_output_functional_code_makes_are_named():
         w.step()
     assert w.stats().invisible == [], "a watched container is seen"
     assert all(not m._forward_hooks for m in model.modules()), "the discovery hooks are gone"
+
+
+def test_transformer_encoder_layer_against_plain_hooks():
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 16)
+            self.layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(self.emb(x)).mean(1))
+
+    model = Encoder()
+    x = torch.randint(0, 12, (4, 7))
+    names = ["emb", "layer.self_attn", "layer.linear1", "layer.linear2", "layer.norm2", "layer", "head"]
+    stats, kept = run_once(model, x, lambda out: out.pow(2).sum(), modules=names, subsample=None, capture=names)
+    for name in names:
+        check(stats, name, kept[name])
+    assert stats.notes() == {}
