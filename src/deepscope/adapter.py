@@ -46,8 +46,10 @@ def findings_of(stats: Stats, losses: list[float], n_classes: int | None = None)
     """Diagnosis of a record and its losses: `Finding`s, errors first (deepscope.diagnose.history)."""
     from .diagnose.finding import sort_findings
     from .diagnose.history import analyse_history
+    from .diagnose.loop import analyse_loop
 
-    return sort_findings(analyse_history(stats.modules, stats.steps, stats.act_std, stats.act_dead, losses, n_classes))
+    return sort_findings(analyse_history(stats.modules, stats.steps, stats.act_std, stats.act_dead, losses, n_classes)
+                         + analyse_loop(stats.observations))
 
 
 def report_path(path: str | Path) -> Path:

@@ -109,7 +109,7 @@ class Watch:
             # a closure-based optimiser (LBFGS) runs its forward passes inside step(): the step begins here
             self.recorder.start_step(self.steps)
             self._open = True
-        self.recorder.before_update()
+        self.recorder.before_update(optimizer=optimizer)
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         self.recorder.after_update()

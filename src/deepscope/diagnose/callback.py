@@ -10,6 +10,7 @@ from ..stats import ActivationStats
 from .analyse import analyse_probe
 from .finding import Finding, merge_findings
 from .history import analyse_history
+from .loop import analyse_loop
 from .preflight import inspect_setup
 from .probe import Probe
 from .setup_checks import analyse_setup
@@ -71,6 +72,7 @@ class Diagnose(Probe):
         """Analyse the fit's history recorded by the learner's ActivationStats and Recorder callbacks."""
         stats_cb, recorder = learn.get_cb(ActivationStats), learn.get_cb(Recorder)
         modules, steps, act_std, act_dead = [], np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0))
+        observations = None
         if stats_cb is not None:
             try:
                 stats = stats_cb.stats()  # one read-back of the device rows
@@ -78,10 +80,12 @@ class Diagnose(Probe):
                 stats = None
             if stats is not None:
                 modules, steps, act_std, act_dead = stats.modules, stats.steps, stats.act_std, stats.act_dead
+                observations = stats.observations
         losses = recorder.losses if recorder is not None else []
         metrics = learn.get_cb(MetricsCallback)
         valid_losses = [r.get("valid_loss") for r in metrics.history] if metrics is not None else []
-        return analyse_history(modules, steps, act_std, act_dead, losses, self._n_classes(learn), valid_losses)
+        return (analyse_history(modules, steps, act_std, act_dead, losses, self._n_classes(learn), valid_losses)
+                + analyse_loop(observations))
 
     def _n_classes(self, learn) -> int | None:
         """Classes of a classifier trained with cross-entropy/NLL (chance loss is ln of it), else None."""

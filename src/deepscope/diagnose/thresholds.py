@@ -115,3 +115,9 @@ NOT_LEARNING_MIN_STEPS = 100
 # ...for a loss with no known chance level: stuck when the last quarter's mean is within 2 % of the first
 # steps' mean (batch noise of a flat loss is a few percent; any learning run moves it far more).
 NOT_LEARNING_DROP = 0.02
+
+# gradients_not_zeroed: judged after this many updates (the first backward after an update is checked at
+# each), and reported when at least this share of them found the previous gradients still there. A loop
+# that clears its gradients finds none; one that never does finds them at every update but the first.
+LOOP_MIN_UPDATES = 3
+STALE_GRADIENT_SHARE = 0.5

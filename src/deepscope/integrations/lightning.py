@@ -108,7 +108,7 @@ class _Recording:
             # (torch's private per-device flags, as MixedPrecisionStep reads them; scaler.step reads them back
             # right after this hook anyway, so this read costs next to nothing)
             self._skip = any(v.item() for v in scaler._found_inf_per_device(optimizer).values())
-        self.recorder.before_update(skip=self._skip)
+        self.recorder.before_update(skip=self._skip, optimizer=optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

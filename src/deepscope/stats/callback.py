@@ -73,7 +73,7 @@ class ActivationStats(Callback):
             self.recorder.scale_gradients(learn.loss_scale)
 
     def after_backward(self, learn) -> None:
-        self.recorder.before_update(skip=learn.skip_step)
+        self.recorder.before_update(skip=learn.skip_step, optimizer=learn.opt)
 
     def after_step(self, learn) -> None:
         if not learn.skip_step:

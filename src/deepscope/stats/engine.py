@@ -40,6 +40,7 @@ from ..errors import ConfigError
 from ..hooks import Hooks, floating_tensors, select_modules
 from .collect import activation_stats, gather_values, gradient_stats
 from .format import Stats, save_stats
+from .loop import LoopObserver
 from .params import ParamTracker
 from .rows import ACT_FIELDS, GRAD_FIELDS, PARAM_FIELDS, DeviceRows
 from .sample import SampleBlock
@@ -148,6 +149,7 @@ class StatsRecorder:
         self._discovery: Hooks | None = None
         self._produced: dict[int, tuple] = {}  # id(output) -> (weak reference, module name), one step
         self._discovered, self._discovery_tries = False, 0
+        self._loop: LoopObserver | None = None  # what the training loop did at each update
         self._pending = 0                  # recorded steps not yet summarised (see _summarise)
         self._sample: SampleBlock | None = None
         self._split = "train"
@@ -198,6 +200,8 @@ class StatsRecorder:
         # why tensor hooks), so steps that are not recorded cost one Python call per module.
         self._hooks = [Hooks(chosen, self._on_forward)]
         self._invisible, self._discovery_tries = None, 0  # found again in the first recorded training step
+        self._loop = LoopObserver(self.model)
+        self._loop.attach()
 
     def _discover(self) -> None:
         """For one step, hook every module to find containers whose output no module inside them made:
@@ -250,6 +254,8 @@ class StatsRecorder:
         for hooks in self._hooks:
             hooks.remove()
         self._end_discovery()
+        if self._loop is not None:
+            self._loop.remove()
         self._hooks, self._row = [], None
 
     def close(self) -> None:
@@ -365,9 +371,12 @@ class StatsRecorder:
             self._grad_unscale[self._row].copy_(scale.reciprocal())
             self._scaled_rows = True
 
-    def before_update(self, skip: bool = False) -> None:
+    def before_update(self, skip: bool = False, optimizer: torch.optim.Optimizer | None = None) -> None:
         """The gradients are final and the weights are those this step ran with. `skip`: the optimiser
-        will not update (a float16 overflow the scaler skips): no gradient or parameter statistics."""
+        will not update (a float16 overflow the scaler skips): no gradient or parameter statistics.
+        `optimizer`: the one about to step, so that parameters it does not hold can be named."""
+        if self._loop is not None:
+            self._loop.on_update(optimizer)
         if self._row is None or self._split != "train":
             return
         self._put_partial_gradients()
@@ -378,6 +387,8 @@ class StatsRecorder:
 
     def after_update(self) -> None:
         """The optimiser has updated the weights (gradients not yet zeroed)."""
+        if self._loop is not None:
+            self._loop.after_update()
         if self._row is not None and self._split == "train":
             self._tracker.after_step(self._pending - 1)
 
@@ -442,7 +453,8 @@ class StatsRecorder:
         edges = np.linspace(*self.hist_range, self.hist_bins + 1)
         return Stats(modules=list(self.modules), param_modules=list(self._tracker.names), hist_edges=edges,
                      dead_threshold=self.dead_threshold, valid=valid_arrays, module_notes=self.module_notes(),
-                     invisible=self.invisible_outputs(), **train)
+                     invisible=self.invisible_outputs(),
+                     observations=self._loop.observations() if self._loop is not None else None, **train)
 
     def module_notes(self) -> list[str]:
         """Per watched module, why it has no statistics ("" when it has some): never called in a recorded

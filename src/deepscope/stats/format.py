@@ -3,6 +3,7 @@ package docstring, `deepscope.stats`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class Stats:
     #                                         StatsRecorder.module_notes; None in files of older versions
     invisible: list[str] | None = None     # containers whose output functional code makes, unwatched
     #                                         (StatsRecorder.invisible_outputs; "" is the model itself)
+    observations: dict | None = None       # what the training loop did at its updates (stats/loop.py)
 
     def notes(self) -> dict[str, str]:
         """{module: note} for the modules that have one."""
@@ -83,6 +85,8 @@ def save_stats(stats: Stats, path: str | Path) -> Path:
             continue  # an optional field that was not recorded
         if f.name == "valid":
             arrays.update({k: np.asarray(v) for k, v in value.items()})
+        elif f.name == "observations":
+            arrays[f.name] = np.array(json.dumps(value))
         elif f.name in _NAME_FIELDS:
             arrays[f.name] = np.array(value, dtype=np.str_)
         else:
@@ -121,6 +125,13 @@ def load_stats(path: str | Path) -> Stats:
         values["dead_threshold"] = float(values["dead_threshold"])
     except (TypeError, ValueError):
         raise DataError(f"{file}: dead_threshold is not a number; the file is damaged") from None
+    if "observations" in arrays:
+        try:
+            values["observations"] = json.loads(str(arrays["observations"]))
+        except ValueError:
+            raise DataError(f"{file}: observations are not valid JSON; the file is damaged") from None
+        if not isinstance(values["observations"], dict):
+            raise DataError(f"{file}: observations should be a JSON object; the file is damaged")
     if "invisible" in arrays:
         values["invisible"] = [str(n) for n in arrays["invisible"]]
     if "module_notes" in arrays:
