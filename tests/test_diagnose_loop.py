@@ -92,3 +92,40 @@ def test_the_checks_on_plain_observations():
     assert analyse_loop(healthy) == []
     assert analyse_loop({**healthy, "gradient_checks": 2, "stale_gradients": 2}) == [], "too few updates to judge"
     assert [f.kind for f in analyse_loop({**healthy, "stale_gradients": 9})] == ["gradients_not_zeroed"]
+
+
+def test_gradient_explosion_on_plain_arrays():
+    import numpy as np
+
+    from deepscope.diagnose.history import check_gradient_explosion
+
+    steps = np.arange(40)
+    flat = np.ones(40)
+    grows = np.r_[np.ones(10), np.logspace(0, 4, 30)]       # x1e4 by the end, passing 10x at step ~17
+    later = np.r_[np.ones(20), np.logspace(0, 4, 20)]       # starts later
+    (f,) = check_gradient_explosion(["a", "b", "c"], steps, np.c_[flat, later, grows])
+    assert f.module == "c" and f.evidence["exploding"] == ["b", "c"] and 10 < f.evidence["onset_step"] < 25
+    assert check_gradient_explosion(["a"], steps, np.c_[np.logspace(0, -2, 40)]) == [], "falling is healthy"
+    assert check_gradient_explosion(["a"], steps, np.c_[np.r_[np.ones(30), np.full(10, np.nan)]]) != [], "to NaN"
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_healthy_runs_have_no_gradient_explosion(arch, one_thread):
+    assert "gradient_explosion" not in train(arch, steps=30)
+
+
+def test_a_learning_rate_past_the_stable_range_explodes_the_gradients(one_thread):
+    torch.manual_seed(0)
+    model = nn.Linear(10, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.5)  # past 2 / (largest curvature): each step overshoots more
+    x = torch.randn(256, 10)
+    y = x @ torch.randn(10, 1)
+    with deepscope.watch(model, opt) as w:
+        for i in range(0, 30):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss)
+    f = {f.kind: f for f in w.findings()}["gradient_explosion"]
+    assert f.module == "" and f.evidence["late_norm"] > 1e3 * f.evidence["early_norm"]

@@ -45,10 +45,11 @@ class LossLog:
 def findings_of(stats: Stats, losses: list[float], n_classes: int | None = None) -> list:
     """Diagnosis of a record and its losses: `Finding`s, errors first (deepscope.diagnose.history)."""
     from .diagnose.finding import sort_findings
-    from .diagnose.history import analyse_history
+    from .diagnose.history import analyse_history, check_gradient_explosion
     from .diagnose.loop import analyse_loop
 
     return sort_findings(analyse_history(stats.modules, stats.steps, stats.act_std, stats.act_dead, losses, n_classes)
+                         + check_gradient_explosion(stats.param_modules, stats.steps, stats.param_grad_norm)
                          + analyse_loop(stats.observations))
 
 

@@ -9,7 +9,7 @@ from ..callbacks import MetricsCallback, Recorder
 from ..stats import ActivationStats
 from .analyse import analyse_probe
 from .finding import Finding, merge_findings
-from .history import analyse_history
+from .history import analyse_history, check_gradient_explosion
 from .loop import analyse_loop
 from .preflight import inspect_setup
 from .probe import Probe
@@ -72,7 +72,7 @@ class Diagnose(Probe):
         """Analyse the fit's history recorded by the learner's ActivationStats and Recorder callbacks."""
         stats_cb, recorder = learn.get_cb(ActivationStats), learn.get_cb(Recorder)
         modules, steps, act_std, act_dead = [], np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0))
-        observations = None
+        observations, explosion = None, []
         if stats_cb is not None:
             try:
                 stats = stats_cb.stats()  # one read-back of the device rows
@@ -81,11 +81,12 @@ class Diagnose(Probe):
             if stats is not None:
                 modules, steps, act_std, act_dead = stats.modules, stats.steps, stats.act_std, stats.act_dead
                 observations = stats.observations
+                explosion = check_gradient_explosion(stats.param_modules, stats.steps, stats.param_grad_norm)
         losses = recorder.losses if recorder is not None else []
         metrics = learn.get_cb(MetricsCallback)
         valid_losses = [r.get("valid_loss") for r in metrics.history] if metrics is not None else []
         return (analyse_history(modules, steps, act_std, act_dead, losses, self._n_classes(learn), valid_losses)
-                + analyse_loop(observations))
+                + explosion + analyse_loop(observations))
 
     def _n_classes(self, learn) -> int | None:
         """Classes of a classifier trained with cross-entropy/NLL (chance loss is ln of it), else None."""

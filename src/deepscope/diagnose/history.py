@@ -8,6 +8,7 @@ high learning rate), layers that end mostly dead, a loss that spiked or ended st
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from .finding import Finding
 from .thresholds import (
     ACT_CRASH_FLOOR, ACT_CRASH_RATIO, CHANCE_LEARNED_MARGIN, CHANCE_SMOOTH, CHANCE_TOLERANCE, DEAD_VALUES_ERROR,
     DEAD_VALUES_WARNING, HISTORY_MIN_POINTS, HISTORY_TAIL_MIN, LOSS_RISE_ERROR, LOSS_SPIKE_RATIO,
-    NOT_LEARNING_DROP, NOT_LEARNING_MIN_STEPS,
+    NOT_LEARNING_DROP, NOT_LEARNING_MIN_STEPS, GRAD_EXPLOSION_ONSET, GRAD_EXPLOSION_RATIO,
 )
 
 _FIX_DIVERGED = ("Lower the learning rate (3-10x; an LR finder shows the usable range) or warm it up; add "
@@ -192,6 +193,44 @@ def check_not_learning(losses: list[float], n_classes: int | None = None) -> lis
                         f"After {len(v)} steps the training loss is {final:.4g}, within {NOT_LEARNING_DROP:.0%} of "
                         f"where it started ({first:.4g}): the model is not learning.", fix, evidence)]
     return []
+
+
+def check_gradient_explosion(param_modules: list[str], steps: np.ndarray, grad_norm: np.ndarray) -> list[Finding]:
+    """'gradient_explosion' when a module's parameter-gradient norm (T, P) ends GRAD_EXPLOSION_RATIO times
+    above its early level; names the module where it started: the first to pass GRAD_EXPLOSION_ONSET times
+    its own early level (RNNs without clipping, a learning rate past the stable range)."""
+    T = len(steps)
+    if T < HISTORY_MIN_POINTS or not len(param_modules):
+        return []
+    g = np.asarray(grad_norm, dtype=np.float64)
+    head, tail = max(2, T // 10), max(2, T // 4)
+    exploding, onsets = [], {}
+    for j, name in enumerate(param_modules):
+        series = g[:, j]
+        with warnings.catch_warnings():  # an all-NaN stretch (no gradient, or NaN at the end) is expected here
+            warnings.simplefilter("ignore", RuntimeWarning)
+            early, late = np.nanmedian(series[:head]), np.nanmedian(series[-tail:])
+        if not (np.isfinite(early) and early > 0):
+            continue
+        if not np.isfinite(late) or late >= GRAD_EXPLOSION_RATIO * early:
+            exploding.append((name, early, late))
+            above = np.flatnonzero(~(series <= GRAD_EXPLOSION_ONSET * early))  # NaN/inf count as above
+            onsets[name] = int(above[0]) if len(above) else T
+    if not exploding:
+        return []
+    first = min(exploding, key=lambda e: (onsets[e[0]], -(e[2] / e[1] if np.isfinite(e[2]) else np.inf)))
+    name, early, late = first
+    at = int(steps[min(onsets[name], T - 1)])
+    others = [e[0] for e in exploding if e[0] != name]
+    also = f"; then in {', '.join(repr(o) for o in others[:4])}" if others else ""
+    growth = f"{late / early:.3g}x" if np.isfinite(late) else "to NaN/inf"
+    return [Finding("gradient_explosion", name, "error",
+                    f"The gradient norm of {name!r} grew {growth} over the run (from {early:.3g} early on), "
+                    f"passing {GRAD_EXPLOSION_ONSET:g}x its early level first, at step {at}{also}.",
+                    "Clip the gradient norm (deepscope.GradClip / torch.nn.utils.clip_grad_norm_), lower the "
+                    "learning rate, and for recurrent layers use LSTM/GRU or a smaller recurrent-weight init.",
+                    {"early_norm": float(early), "late_norm": float(late), "onset_step": at,
+                     "exploding": [e[0] for e in exploding]})]
 
 
 def analyse_history(modules: list[str], steps: np.ndarray, act_std: np.ndarray, act_dead: np.ndarray,

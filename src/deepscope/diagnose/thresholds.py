@@ -121,3 +121,10 @@ NOT_LEARNING_DROP = 0.02
 # that clears its gradients finds none; one that never does finds them at every update but the first.
 LOOP_MIN_UPDATES = 3
 STALE_GRADIENT_SHARE = 0.5
+
+# gradient_explosion: a module's parameter-gradient norm whose median over the last quarter of the run is
+# at least this many times its median over the first tenth. Healthy runs keep gradient norms within a
+# factor of ~10 of where they started (they usually fall); three orders of magnitude is an explosion.
+GRAD_EXPLOSION_RATIO = 1e3
+# ...and where it starts: the module whose norm first passed this multiple of its early level.
+GRAD_EXPLOSION_ONSET = 10.0
