@@ -200,3 +200,22 @@ def test_not_learning_at_chance_and_flat_and_not_on_healthy_or_diverged_runs():
     (f,) = check_not_learning(flat)
     assert f.severity == "warning"
     assert check_not_learning(list(np.linspace(0.8, 0.5, 200))) == []
+
+
+def test_symptoms_are_listed_under_their_cause():
+    from deepscope.diagnose.finding import Finding, format_findings, sort_findings
+
+    f = lambda kind, module="", severity="error": Finding(kind, module, severity, f"{kind} here", "fix it")  # noqa: E731
+    found = sort_findings([f("dead_units", "act1", "warning"), f("activation_collapse", "conv2", "warning"),
+                           f("lr_too_high"), f("diverged"), f("dead_units", "act3", "warning")])
+    assert [x.kind for x in found] == ["lr_too_high", "diverged", "dead_units", "dead_units", "activation_collapse"]
+    assert found[0].caused_by == "" and {x.caused_by for x in found[1:]} == {"lr_too_high"}
+    text = format_findings(found)
+    assert "caused by lr_too_high" in text and text.index("lr_too_high [") < text.index("dead_units [")
+    # without their cause, the same findings stand on their own
+    alone = sort_findings([f("dead_units", "act1", "warning"), f("activation_collapse", "conv2", "warning")])
+    assert all(x.caused_by == "" for x in alone)
+    # a loop bug explains the divergence it caused
+    bug = sort_findings([f("lr_too_high"), f("gradients_not_zeroed"), f("dead_units", "a", "warning")])
+    assert bug[0].kind == "gradients_not_zeroed" and all(x.caused_by == "gradients_not_zeroed" for x in bug[1:])
+    assert Finding.from_dict(found[1].to_dict()).caused_by == "lr_too_high"

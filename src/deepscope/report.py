@@ -144,7 +144,8 @@ def load_run(run_dir: str | Path) -> dict:
 
 
 def sort_findings(findings: list[dict] | None) -> list[dict]:
-    """Findings errors first, then warnings, then notes; an unknown severity is shown as info."""
+    """Findings causes first (errors, then warnings, then notes), each followed by the findings it explains
+    (`caused_by`); an unknown severity is shown as info."""
     if findings is not None and not isinstance(findings, list):
         raise DataError(f"findings.json should hold a JSON list of findings, not a {type(findings).__name__}")
     out = []
@@ -152,9 +153,16 @@ def sort_findings(findings: list[dict] | None) -> list[dict]:
         sev = f.get("severity") if f.get("severity") in SEVERITIES else "info"
         evidence = f.get("evidence") or {}
         out.append({"kind": str(f.get("kind", "")), "module": str(f.get("module") or ""), "severity": sev,
+                    "caused_by": str(f.get("caused_by") or ""),
                     "message": str(f.get("message", "")), "fix": str(f.get("fix") or ""),
                     "evidence": json.dumps(evidence, default=str) if evidence else ""})
-    return sorted(out, key=lambda f: SEVERITIES.index(f["severity"]))
+    # causes first (errors, then warnings, then notes), each followed by the findings it explains
+    roots = sorted((f for f in out if not f["caused_by"]), key=lambda f: SEVERITIES.index(f["severity"]))
+    grouped = []
+    for root in roots:
+        grouped.append(root)
+        grouped.extend(f for f in out if f["caused_by"] and f["caused_by"] == root["kind"] and f not in grouped)
+    return grouped + [f for f in out if f not in grouped]
 
 
 def _last_finite(column) -> float | None:

@@ -96,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     errors = [f for f in result.findings if f.severity == "error"]
     if errors:
         print(f"diagnosis found {len(errors)} error(s) in this run (details in findings.json and the report):")
-        for f in errors:
-            print(f"  {f.kind}{f' in {f.module!r}' if f.module else ''}: {f.message}")
+        for f in errors:  # causes first, each followed by what it explains (diagnose.finding.CAUSES)
+            pad = "      " if f.caused_by else "  "
+            because = f" (caused by {f.caused_by})" if f.caused_by else ""
+            print(f"{pad}{f.kind}{f' in {f.module!r}' if f.module else ''}{because}: {f.message}")
     if result.failed_steps:
         print(f"warning: the run is complete but these could not be written: {', '.join(result.failed_steps)} "
               f"(the reason is printed above)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 # The kinds of finding, in the order they usually matter: a crash or NaN first, then the set-up, then
@@ -27,6 +27,7 @@ class Finding:
     message: str  # one plain sentence with the evidence in numbers
     fix: str  # what to try
     evidence: dict = field(default_factory=dict)  # the numbers behind the message
+    caused_by: str = ""  # the kind of the finding that explains this one ("" for a root cause); see CAUSES
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -41,7 +42,7 @@ class Finding:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Finding":
-        known = {"kind", "module", "severity", "message", "fix", "evidence"}
+        known = {"kind", "module", "severity", "message", "fix", "evidence", "caused_by"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown finding keys {unknown}; expected {sorted(known)}")
@@ -75,15 +76,56 @@ def load_findings(path: str | Path) -> list[Finding]:
     return [Finding.from_dict(d) for d in data]
 
 
+# Root causes and the symptoms each explains, most fundamental first. A symptom found beside its cause is
+# linked to it (`caused_by`) and listed under it: one divergent learning rate is one card with its dead
+# layers and collapsed activations, not five separate problems. A loop bug explains a divergence; a
+# divergence explains dead, collapsed or saturated layers, exploding gradients and NaNs.
+_DIVERGENCE_SYMPTOMS = ("dead_units", "activation_collapse", "activation_explosion", "saturation",
+                        "gradient_explosion", "nonfinite_forward", "nonfinite_backward", "nonfinite_loss", "diverged",
+                        "not_learning")
+CAUSES: dict[str, tuple[str, ...]] = {
+    "params_not_in_optimizer": ("not_learning", "lr_too_low"),
+    "model_in_eval_mode": ("not_learning",),
+    "gradients_not_zeroed": ("lr_too_high",) + _DIVERGENCE_SYMPTOMS,
+    "lr_too_high": _DIVERGENCE_SYMPTOMS,
+    "gradient_explosion": ("diverged", "nonfinite_forward", "nonfinite_backward", "nonfinite_loss", "dead_units",
+                           "activation_collapse", "activation_explosion", "saturation"),
+    "diverged": ("dead_units", "activation_collapse", "activation_explosion", "saturation", "not_learning"),
+}
+
+
+def link_causes(findings: list[Finding]) -> list[Finding]:
+    """Set `caused_by` on each finding that a root cause found beside it explains (CAUSES); a finding
+    already linked keeps its cause. Only errors and warnings count as causes."""
+    present = {f.kind for f in findings if f.severity in ("error", "warning")}
+    out = []
+    for f in findings:
+        if not f.caused_by:
+            cause = next((c for c, symptoms in CAUSES.items()
+                          if c in present and c != f.kind and f.kind in symptoms), "")
+            if cause:
+                f = replace(f, caused_by=cause)
+        out.append(f)
+    return out
+
+
 def sort_findings(findings: list[Finding]) -> list[Finding]:
-    """Errors first, then warnings, then info; within a severity, in KINDS order; duplicates dropped."""
+    """Causes first: each root cause (errors, then warnings, then info; within a severity in KINDS order),
+    followed by the findings it explains (see `link_causes`). Duplicates are dropped."""
     seen, unique = set(), []
     for f in findings:
         key = (f.kind, f.module, f.severity, f.message)
         if key not in seen:
             seen.add(key)
             unique.append(f)
-    return sorted(unique, key=lambda f: (SEVERITIES.index(f.severity), KINDS.index(f.kind)))
+    order = lambda f: (SEVERITIES.index(f.severity), KINDS.index(f.kind))  # noqa: E731
+    linked = sorted(link_causes(unique), key=order)
+    out: list[Finding] = []
+    for root in (f for f in linked if not f.caused_by):
+        out.append(root)
+        out.extend(f for f in linked if f.caused_by == root.kind and f not in out)
+    out.extend(f for f in linked if f not in out)  # a symptom whose cause is itself a symptom: last
+    return out
 
 
 def merge_findings(known: list[Finding], new: list[Finding]) -> list[Finding]:
@@ -114,10 +156,12 @@ def format_findings(findings: list[Finding]) -> str:
     lines = [f"{len(findings)} finding{'s' if len(findings) != 1 else ''} ({summary}):", ""]
     for f in findings:
         where = f"module {f.module!r}" if f.module else "model/loss/data"
-        lines.append(f"{f.severity.upper():<8}{f.kind} [{where}]")
-        lines.append(f"  {f.message}")
-        if f.fix:
-            lines.append(f"  fix: {f.fix}")
+        pad = "    " if f.caused_by else ""
+        because = f" (caused by {f.caused_by})" if f.caused_by else ""
+        lines.append(f"{pad}{f.severity.upper():<8}{f.kind} [{where}]{because}")
+        lines.append(f"{pad}  {f.message}")
+        if f.fix and not f.caused_by:  # a symptom's fix is its cause's
+            lines.append(f"{pad}  fix: {f.fix}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
