@@ -490,3 +490,16 @@ def test_an_empty_validation_pass_is_a_data_error_and_none_means_no_validation()
     Learner(nn.Linear(6, 3), DataLoaders(batches, None), cbs=[metrics]).fit(1)
     assert metrics.history[0]["valid_loss"] is None and metrics.history[0]["train_loss"] > 0
     Learner(nn.Linear(6, 3), DataLoaders(batches, [])).fit(1, valid=False)  # asked for no validation
+
+
+@pytest.mark.parametrize("make", [
+    lambda: EarlyStopping(patience=-1), lambda: EarlyStopping(patience=0), lambda: EarlyStopping(min_delta=-1),
+    lambda: SaveBest("best.safetensors", min_delta=float("nan")), lambda: OneCycle(float("nan")),
+    lambda: OneCycle(-1), lambda: OneCycle(0.1, pct_start=1.5), lambda: CosineSchedule(0),
+    lambda: GradClip(float("nan")), lambda: GradClip(0), lambda: LimitBatches(train=0),
+])
+def test_built_in_callbacks_refuse_bad_arguments_when_made(make):
+    from deepscope.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        make()

@@ -9,8 +9,9 @@ class DataError(DeepscopeError):
     """A data file or folder is missing, corrupt, or does not match what was expected."""
 
 
-class ConfigError(DeepscopeError):
-    """An option or config value is out of range, of the wrong type, or unknown."""
+class ConfigError(DeepscopeError, ValueError):
+    """An option or config value is out of range, of the wrong type, or unknown (a ValueError too, so
+    code that catches ValueError for bad arguments keeps working)."""
 
 
 class OutputError(DeepscopeError):
@@ -52,3 +53,16 @@ def raise_pending_interrupt() -> None:
 
 def clear_pending_interrupt() -> None:
     _pending.clear()
+
+
+def check_number(who: str, name: str, value, *, minimum: float = 0.0, inclusive: bool = False) -> float:
+    """`value` as a float, or ConfigError naming `who` and `name` when it is not a finite number above
+    `minimum` (at or above it when `inclusive`)."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value >= minimum if inclusive else value > minimum)
+    if not ok:
+        bound = f"{'at least' if inclusive else 'above'} {minimum:g}"
+        raise ConfigError(f"{who}: {name} must be a finite number {bound}, got {value!r}")
+    return float(value)

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from ..callback import Callback, CancelFitException
-from ..errors import ConfigError
+from ..errors import ConfigError, check_number
 from ..weights import load_weights, save_weights
 from .metrics import MetricsCallback
 
@@ -25,6 +25,7 @@ class _Monitor(Callback):
     def __init__(self, monitor: str = "valid_loss", mode: str | None = None, min_delta: float = 0.0):
         if mode not in (None, "min", "max"):
             raise ConfigError(f"mode must be 'min', 'max' or None (inferred), got {mode!r}")
+        check_number(type(self).__name__, "min_delta", min_delta, inclusive=True)
         self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
         self.direction: str | None = mode
         self.best = math.nan
@@ -107,6 +108,8 @@ class EarlyStopping(_Monitor):
 
     def __init__(self, monitor: str = "valid_loss", mode: str | None = None, min_delta: float = 0.0, patience: int = 3):
         super().__init__(monitor, mode, min_delta)
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+            raise ConfigError(f"EarlyStopping: patience must be a positive number of epochs, got {patience!r}")
         self.patience, self.wait = patience, 0
         self.stopped_epoch: int | None = None
 

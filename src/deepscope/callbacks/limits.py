@@ -1,6 +1,7 @@
 """Short runs: stop each pass after a number of batches (smoke tests, quick looks)."""
 from __future__ import annotations
 
+from ..errors import ConfigError
 from ..callback import Callback, CancelFitException, CancelTrainException, CancelValidateException
 
 
@@ -18,7 +19,7 @@ class LimitBatches(Callback):
     def __init__(self, train: int | None = None, valid: int | None = None):
         for name, n in (("train", train), ("valid", valid)):
             if n is not None and n <= 0:
-                raise ValueError(f"LimitBatches({name}={n}): the limit must be a positive number of batches")
+                raise ConfigError(f"LimitBatches({name}={n}): the limit must be a positive number of batches")
         self.train, self.valid = train, valid
 
     def before_fit(self, learn) -> None:

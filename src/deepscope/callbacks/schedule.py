@@ -8,7 +8,7 @@ import math
 from typing import Callable
 
 from ..callback import Callback
-from ..errors import ConfigError
+from ..errors import ConfigError, check_number
 
 Schedule = Callable[[float], float]  # fraction of training done, in [0, 1] -> value
 
@@ -108,6 +108,9 @@ class OneCycle(ParamScheduler):
     """One-cycle schedule for lr and momentum (betas[0] for Adam-style optimizers)."""
 
     def __init__(self, max_lr: float, pct_start: float = 0.25, moms: tuple[float, float] = (0.95, 0.85)):
+        check_number("OneCycle", "max_lr", max_lr)
+        if not 0 < pct_start < 1:
+            raise ConfigError(f"OneCycle: pct_start must be between 0 and 1, got {pct_start!r}")
         super().__init__({"lr": one_cycle_lr(max_lr, pct_start), "momentum": one_cycle_mom(moms[0], moms[1], pct_start)})
         self.max_lr = max_lr
 
@@ -116,4 +119,6 @@ class CosineSchedule(ParamScheduler):
     """Cosine annealing of lr from `max_lr` to `max_lr / div_final`."""
 
     def __init__(self, max_lr: float, div_final: float = 1e3):
+        check_number("CosineSchedule", "max_lr", max_lr)
+        check_number("CosineSchedule", "div_final", div_final)
         super().__init__({"lr": sched_cos(max_lr, max_lr / div_final)})

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..callback import Callback
+from ..errors import check_number
 from ..learner import TrainStep
 
 
@@ -18,8 +19,7 @@ class GradClip(Callback):
     order = 20
 
     def __init__(self, max_norm: float = 1.0, keep_norms: bool = False):
-        if max_norm <= 0:
-            raise ValueError(f"GradClip(max_norm={max_norm}): the norm must be positive")
+        check_number("GradClip", "max_norm", max_norm)
         self.max_norm, self.keep_norms = max_norm, keep_norms
         self.norms: list[torch.Tensor] = []
 
