@@ -97,15 +97,21 @@ def check_dead_history(modules: list[str], steps: np.ndarray, act_dead: np.ndarr
     return findings
 
 
-def check_loss_history(losses: list[float], n_classes: int | None = None) -> list[Finding]:
-    """lr_too_high from the training loss of every step: ending at chance level (ln n_classes, for a
-    classifier trained with cross-entropy) after having been lower, or a spike above LOSS_SPIKE_RATIO x
-    the first loss. Losses after the first NaN/Inf are ignored (the NaN checks report those)."""
+def finite_prefix(losses: list[float]) -> list[float]:
+    """The losses up to the first NaN/Inf (the NaN checks report what comes after)."""
     values = []
     for v in losses:
         if not math.isfinite(v):
             break
         values.append(float(v))
+    return values
+
+
+def check_loss_history(losses: list[float], n_classes: int | None = None) -> list[Finding]:
+    """lr_too_high from the training loss of every step: ending at chance level (ln n_classes, for a
+    classifier trained with cross-entropy) after having been lower, or a spike above LOSS_SPIKE_RATIO x
+    the first loss. Losses after the first NaN/Inf are ignored (the NaN checks report those)."""
+    values = finite_prefix(losses)
     if len(values) < HISTORY_MIN_POINTS:
         return []
     v = np.array(values)
@@ -164,11 +170,7 @@ def check_not_learning(losses: list[float], n_classes: int | None = None) -> lis
     came CHANCE_LEARNED_MARGIN below chance, ln(n_classes), and ends at chance (error: it predicts no better
     than guessing), or a loss of unknown chance level whose last quarter is within NOT_LEARNING_DROP of its
     first steps (warning). Loss that went down and came back is lr_too_high's, not this check's."""
-    values = []
-    for v in losses:
-        if not math.isfinite(v):
-            break
-        values.append(float(v))
+    values = finite_prefix(losses)
     if len(values) < NOT_LEARNING_MIN_STEPS:
         return []
     v = np.array(values)
