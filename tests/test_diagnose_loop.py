@@ -129,3 +129,35 @@ def test_a_learning_rate_past_the_stable_range_explodes_the_gradients(one_thread
             w.step(loss)
     f = {f.kind: f for f in w.findings()}["gradient_explosion"]
     assert f.module == "" and f.evidence["late_norm"] > 1e3 * f.evidence["early_norm"]
+
+
+class SoftmaxNet(nn.Module):
+    def __init__(self, dim: int, log: bool = False):
+        super().__init__()
+        self.body, self.dim, self.log = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), dim, log
+
+    def forward(self, x):
+        z = self.body(x)
+        return z.log_softmax(self.dim) if self.log else z.softmax(self.dim)
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dim, wrong", [(0, True), (1, False), (-1, False)])
+def test_softmax_over_the_batch_is_found_by_watch_and_by_diagnose(dim, wrong, log, one_thread):
+    from deepscope import diagnose
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(4)]
+    loss_fn = nn.functional.nll_loss if log else nn.functional.cross_entropy
+    model = SoftmaxNet(dim, log)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with deepscope.watch(model, opt) as w:
+        for xb, yb in batches:
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss, targets=yb)
+    assert ("softmax_wrong_dim" in {f.kind for f in w.findings()}) == wrong
+    assert ("softmax_wrong_dim" in {f.kind for f in diagnose(SoftmaxNet(dim, log), batches, loss_fn, steps=2)}) == wrong

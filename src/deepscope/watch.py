@@ -54,12 +54,15 @@ class Watch:
         self._losses = LossLog()
         self._targets: torch.Tensor | None = None
         self._n_outputs: int | None = None
+        self._output_check: torch.Tensor | None = None  # see _after_forward
+        self._output_shape: tuple = ()
         self._started = None
 
     # --- the context -------------------------------------------------------------------------------------
     def __enter__(self) -> "Watch":
         # a new `with` starts a new record (the engine's attach drops the old one): so do the counters
         self.steps, self._open, self._manual, self._losses, self._targets = 0, False, False, LossLog(), None
+        self._n_outputs, self._output_check = None, None
         self.recorder.attach()
         self.recorder.before_forward = self._begin_step  # for a submodule called on its own
         try:
@@ -103,6 +106,13 @@ class Watch:
     def _after_forward(self, module, inputs, output) -> None:
         if self._n_outputs is None and isinstance(output, torch.Tensor) and output.dim() == 2:
             self._n_outputs = output.shape[1]  # (N, C): C classes, if the targets are class indices
+            if output.is_floating_point() and output.shape[0] >= 2 and output.shape[1] >= 2 and module.training:
+                # how the first training output is normalised, kept on the device until findings() reads it
+                o = output.detach().float()
+                self._output_shape = tuple(o.shape)
+                self._output_check = torch.stack([o.min(), o.max(), (o.sum(1) - 1).abs().max(),
+                                                  torch.logsumexp(o, 1).abs().max(), (o.sum(0) - 1).abs().max(),
+                                                  torch.logsumexp(o, 0).abs().max()])
 
     def _before_update(self, optimizer, args, kwargs) -> None:
         if not self._open and self.model.training:
@@ -153,8 +163,22 @@ class Watch:
         return self._n_outputs
 
     def findings(self) -> list:
-        """Diagnosis of everything recorded: `Finding`s, errors first (deepscope.diagnose)."""
-        return findings_of(self.stats(), self.losses, self.n_classes())
+        """Diagnosis of everything recorded: `Finding`s, causes first (deepscope.diagnose)."""
+        from .diagnose.finding import sort_findings
+
+        return sort_findings(findings_of(self.stats(), self.losses, self.n_classes()) + self._output_findings())
+
+    def _output_findings(self) -> list:
+        """Checks on how the model's first training output was normalised (softmax over the batch)."""
+        if self._output_check is None:
+            return []
+        from .diagnose.records import SetupRecord
+        from .diagnose.setup_checks import check_softmax_dim
+
+        lo, hi, row_sum, row_lse, col_sum, col_lse = self._output_check.tolist()
+        rec = SetupRecord(out_shape=self._output_shape, out_min=lo, out_max=hi, out_row_sum_dev=row_sum,
+                          out_row_lse_dev=row_lse, out_col_sum_dev=col_sum, out_col_lse_dev=col_lse)
+        return check_softmax_dim(rec)
 
     def settings(self) -> dict:
         """What the report shows as this run's configuration: the model, the watch options and the

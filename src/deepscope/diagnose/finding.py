@@ -14,7 +14,7 @@ KINDS = (
     "batchnorm_small_batch", "input_not_normalized", "no_gradient", "dead_units",
     "activation_explosion", "activation_collapse", "saturation", "lr_too_high", "lr_too_low",
     "diverged", "not_learning", "model_in_eval_mode", "params_not_in_optimizer", "gradients_not_zeroed",
-    "gradient_explosion",
+    "gradient_explosion", "softmax_wrong_dim",
 )
 SEVERITIES = ("error", "warning", "info")  # error: training cannot work; warning: it works badly; info: worth knowing
 

@@ -123,6 +123,13 @@ def _describe_inputs(rec: SetupRecord, x, y) -> None:
             rec.y_min, rec.y_max = float(y.min()), float(y.max())
 
 
+def output_column_deviations(o: torch.Tensor) -> tuple[float, float]:
+    """max |sum over dim 0 - 1| and max |logsumexp over dim 0| of an (N, C, ...) output: both ~0 only when
+    a softmax / log_softmax normalised over the batch instead of the classes."""
+    col_lse = torch.logsumexp(o, 0).abs().max()
+    return float((o.sum(0) - 1).abs().max()), float(col_lse) if math.isfinite(float(col_lse)) else math.inf
+
+
 def _describe_output(rec: SetupRecord, out) -> None:
     if not isinstance(out, torch.Tensor):
         return
@@ -135,3 +142,5 @@ def _describe_output(rec: SetupRecord, out) -> None:
         rec.out_row_sum_dev = float((o.sum(1) - 1).abs().max())
         lse = torch.logsumexp(o, 1).abs().max()
         rec.out_row_lse_dev = float(lse) if math.isfinite(float(lse)) else math.inf
+        if o.shape[0] >= 2:
+            rec.out_col_sum_dev, rec.out_col_lse_dev = output_column_deviations(o)

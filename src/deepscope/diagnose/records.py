@@ -33,6 +33,8 @@ class SetupRecord:
     out_max: float | None = None
     out_row_sum_dev: float | None = None  # max |sum over classes - 1|
     out_row_lse_dev: float | None = None  # max |logsumexp over classes|
+    out_col_sum_dev: float | None = None  # max |sum over the batch (dim 0) - 1|: softmax taken over the batch
+    out_col_lse_dev: float | None = None  # max |logsumexp over the batch|: log_softmax over the batch
     out_module: str = ""  # the leaf module whose output the model returned ("" if none or unknown)
     weights: list[LayerWeight] = field(default_factory=list)  # in registration order
     batchnorms: list[str] = field(default_factory=list)  # BatchNorm modules in training mode

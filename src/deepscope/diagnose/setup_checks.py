@@ -78,6 +78,27 @@ def check_targets(rec: SetupRecord) -> list[Finding]:
     return []
 
 
+def check_softmax_dim(rec: SetupRecord) -> list[Finding]:
+    """softmax_wrong_dim: outputs normalised over the batch (dim 0), each column a distribution, while the
+    rows (the classes of one example) are not: softmax(x, dim=0) where dim=1 (or -1) was meant."""
+    if rec.out_col_sum_dev is None or rec.out_row_sum_dev is None or rec.out_min is None:
+        return []
+    tol = PROBABILITY_TOLERANCE
+    probs = rec.out_min >= -tol and rec.out_col_sum_dev <= tol < rec.out_row_sum_dev
+    log_probs = rec.out_max <= tol and rec.out_col_lse_dev <= tol < rec.out_row_lse_dev
+    if not (probs or log_probs):
+        return []
+    what = "softmax" if probs else "log_softmax"
+    return [Finding("softmax_wrong_dim", rec.out_module, "error",
+                    f"The model's output is a {what} over the batch (dim 0): each column sums to 1 across the "
+                    f"{rec.out_shape[0]} examples (within {min(rec.out_col_sum_dev, rec.out_col_lse_dev):.1e}), "
+                    f"so each prediction depends on the other examples in its batch and the classes of one "
+                    f"example do not form a distribution.",
+                    f"Take the {what} over the classes: {what}(x, dim=1) (or dim=-1), never dim=0.",
+                    {"output_shape": list(rec.out_shape), "max_column_sum_minus_1": rec.out_col_sum_dev,
+                     "max_abs_column_logsumexp": rec.out_col_lse_dev, "max_row_sum_minus_1": rec.out_row_sum_dev})]
+
+
 def check_loss_input(rec: SetupRecord) -> list[Finding]:
     """Probabilities or log-probabilities fed to cross_entropy; anything but log-probabilities fed to nll_loss."""
     if rec.loss_kind not in ("cross_entropy", "nll") or rec.out_row_sum_dev is None or rec.out_min is None:
@@ -196,7 +217,7 @@ def check_inputs(rec: SetupRecord) -> list[Finding]:
 def analyse_setup(rec: SetupRecord, seen_sizes: list[int] = (), grad_nonzero: dict[str, bool] | None = None) -> list[Finding]:
     """All set-up checks; `seen_sizes` and `grad_nonzero` come from the short run when there was one."""
     findings = [exception_finding(rec.error)] if rec.error else []
-    findings += check_targets(rec) + check_loss_input(rec)  # NaN in the data: the probe reports it, with the step
+    findings += check_targets(rec) + check_softmax_dim(rec) + check_loss_input(rec)  # NaN in the data: the probe
     findings += check_symmetric_init(rec.weights, grad_nonzero)
     findings += check_batchnorm_batch(rec.batchnorms, rec.batch_size, rec.last_batch_size, list(seen_sizes))
     return findings + check_inputs(rec)
