@@ -425,7 +425,7 @@ def test_train_prints_the_errors_diagnosis_found(data, tmp_path, capsys, monkeyp
     from deepscope.diagnose import callback as diagnose_callback
 
     # a finding from the run's history, as a real divergence would give, without the cost of training one
-    monkeypatch.setattr(diagnose_callback, "analyse_history", lambda *a, **k: [
+    monkeypatch.setattr(diagnose_callback, "analyse_record", lambda *a, **k: [
         Finding("lr_too_high", "", "error", "The training loss spiked.", "Lower the lr.")])
     assert main(["train", "--data-dir", str(data), *FAST, "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out

@@ -38,19 +38,14 @@ class LossLog:
         self.read()
         return list(self._values)
 
-    def __len__(self) -> int:
-        return len(self._values) + len(self._pending)
 
-
-def findings_of(stats: Stats, losses: list[float], n_classes: int | None = None) -> list:
-    """Diagnosis of a record and its losses: `Finding`s, errors first (deepscope.diagnose.history)."""
+def findings_of(stats: Stats, losses: list[float], n_classes: int | None = None, also: list = ()) -> list:
+    """Diagnosis of a record and its losses, plus the adapter's own findings `also`: `Finding`s, causes
+    first (deepscope.diagnose.history.analyse_record)."""
     from .diagnose.finding import sort_findings
-    from .diagnose.history import analyse_history, check_gradient_explosion
-    from .diagnose.loop import analyse_loop
+    from .diagnose.history import analyse_record
 
-    return sort_findings(analyse_history(stats.modules, stats.steps, stats.act_std, stats.act_dead, losses, n_classes)
-                         + check_gradient_explosion(stats.param_modules, stats.steps, stats.param_grad_norm)
-                         + analyse_loop(stats.observations))
+    return sort_findings(analyse_record(stats, losses, n_classes) + list(also))
 
 
 def report_path(path: str | Path) -> Path:

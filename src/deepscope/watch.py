@@ -108,11 +108,10 @@ class Watch:
             self._n_outputs = output.shape[1]  # (N, C): C classes, if the targets are class indices
             if output.is_floating_point() and output.shape[0] >= 2 and output.shape[1] >= 2 and module.training:
                 # how the first training output is normalised, kept on the device until findings() reads it
-                o = output.detach().float()
-                self._output_shape = tuple(o.shape)
-                self._output_check = torch.stack([o.min(), o.max(), (o.sum(1) - 1).abs().max(),
-                                                  torch.logsumexp(o, 1).abs().max(), (o.sum(0) - 1).abs().max(),
-                                                  torch.logsumexp(o, 0).abs().max()])
+                from .diagnose.preflight import output_normalisation
+
+                self._output_shape = tuple(output.shape)
+                self._output_check = output_normalisation(output.detach().float())
 
     def _before_update(self, optimizer, args, kwargs) -> None:
         if not self._open and self.model.training:
@@ -164,20 +163,18 @@ class Watch:
 
     def findings(self) -> list:
         """Diagnosis of everything recorded: `Finding`s, causes first (deepscope.diagnose)."""
-        from .diagnose.finding import sort_findings
-
-        return sort_findings(findings_of(self.stats(), self.losses, self.n_classes()) + self._output_findings())
+        return findings_of(self.stats(), self.losses, self.n_classes(), also=self._output_findings())
 
     def _output_findings(self) -> list:
         """Checks on how the model's first training output was normalised (softmax over the batch)."""
         if self._output_check is None:
             return []
+        from .diagnose.preflight import set_normalisation
         from .diagnose.records import SetupRecord
         from .diagnose.setup_checks import check_softmax_dim
 
-        lo, hi, row_sum, row_lse, col_sum, col_lse = self._output_check.tolist()
-        rec = SetupRecord(out_shape=self._output_shape, out_min=lo, out_max=hi, out_row_sum_dev=row_sum,
-                          out_row_lse_dev=row_lse, out_col_sum_dev=col_sum, out_col_lse_dev=col_lse)
+        rec = SetupRecord(out_shape=self._output_shape)
+        set_normalisation(rec, self._output_check.tolist())
         return check_softmax_dim(rec)
 
     def settings(self) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from pathlib import Path
 
 from .options import positive_int
 from .train import add_config_arguments, config_from_args

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from ..callbacks import MetricsCallback, Recorder
 from ..stats import ActivationStats
 from .analyse import analyse_probe
 from .finding import Finding, merge_findings
-from .history import analyse_history, check_gradient_explosion
-from .loop import analyse_loop
+from .history import analyse_record
 from .preflight import inspect_setup
 from .probe import Probe
 from .setup_checks import analyse_setup
@@ -71,22 +69,16 @@ class Diagnose(Probe):
     def history_findings(self, learn) -> list[Finding]:
         """Analyse the fit's history recorded by the learner's ActivationStats and Recorder callbacks."""
         stats_cb, recorder = learn.get_cb(ActivationStats), learn.get_cb(Recorder)
-        modules, steps, act_std, act_dead = [], np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0))
-        observations, explosion = None, []
+        stats = None
         if stats_cb is not None:
             try:
                 stats = stats_cb.stats()  # one read-back of the device rows
             except RuntimeError:  # it has not recorded anything yet
                 stats = None
-            if stats is not None:
-                modules, steps, act_std, act_dead = stats.modules, stats.steps, stats.act_std, stats.act_dead
-                observations = stats.observations
-                explosion = check_gradient_explosion(stats.param_modules, stats.steps, stats.param_grad_norm)
         losses = recorder.losses if recorder is not None else []
         metrics = learn.get_cb(MetricsCallback)
         valid_losses = [r.get("valid_loss") for r in metrics.history] if metrics is not None else []
-        return (analyse_history(modules, steps, act_std, act_dead, losses, self._n_classes(learn), valid_losses)
-                + explosion + analyse_loop(observations))
+        return analyse_record(stats, losses, self._n_classes(learn), valid_losses)
 
     def _n_classes(self, learn) -> int | None:
         """Classes of a classifier trained with cross-entropy/NLL (chance loss is ln of it), else None."""

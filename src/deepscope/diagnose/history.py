@@ -243,3 +243,18 @@ def analyse_history(modules: list[str], steps: np.ndarray, act_std: np.ndarray, 
     return (check_nonfinite_history(losses, valid_losses) + check_activation_crash(modules, steps, act_std)
             + check_dead_history(modules, steps, act_dead) + check_loss_history(losses, n_classes)
             + check_not_learning(losses, n_classes))
+
+
+def analyse_record(stats, losses: list[float], n_classes: int | None = None,
+                   valid_losses: list[float] = ()) -> list[Finding]:
+    """Every check on a recorded run: the activation, loss and gradient histories and what the training
+    loop did at its updates (`Stats` from the recording engine, or None when nothing was recorded: then
+    only the losses are judged). The one analysis behind `watch`, the Lightning callback and `Diagnose`."""
+    from .loop import analyse_loop
+
+    if stats is None:
+        return analyse_history([], np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0)), losses, n_classes, valid_losses)
+    return (analyse_history(stats.modules, stats.steps, stats.act_std, stats.act_dead, losses, n_classes,
+                            valid_losses)
+            + check_gradient_explosion(stats.param_modules, stats.steps, stats.param_grad_norm)
+            + analyse_loop(stats.observations))

@@ -123,11 +123,22 @@ def _describe_inputs(rec: SetupRecord, x, y) -> None:
             rec.y_min, rec.y_max = float(y.min()), float(y.max())
 
 
-def output_column_deviations(o: torch.Tensor) -> tuple[float, float]:
-    """max |sum over dim 0 - 1| and max |logsumexp over dim 0| of an (N, C, ...) output: both ~0 only when
-    a softmax / log_softmax normalised over the batch instead of the classes."""
-    col_lse = torch.logsumexp(o, 0).abs().max()
-    return float((o.sum(0) - 1).abs().max()), float(col_lse) if math.isfinite(float(col_lse)) else math.inf
+def output_normalisation(o: torch.Tensor) -> torch.Tensor:
+    """How an (N, C, ...) float output is normalised, as a (6,) tensor on its device (no read-back): min,
+    max, max |sum over the classes (dim 1) - 1|, max |logsumexp over them|, and the same two over the batch
+    (dim 0), which are ~0 only when a softmax / log_softmax was taken over the batch."""
+    return torch.stack([o.min(), o.max(), (o.sum(1) - 1).abs().max(), torch.logsumexp(o, 1).abs().max(),
+                        (o.sum(0) - 1).abs().max(), torch.logsumexp(o, 0).abs().max()])
+
+
+def set_normalisation(rec: SetupRecord, values: list[float]) -> None:
+    """Fill `rec`'s output fields from `output_normalisation(...).tolist()` of an output of `rec.out_shape`
+    (logsumexp deviations that are not finite become inf; the batch ones only when N >= 2)."""
+    lo, hi, row_sum, row_lse, col_sum, col_lse = values
+    finite = lambda v: v if math.isfinite(v) else math.inf  # noqa: E731
+    rec.out_min, rec.out_max, rec.out_row_sum_dev, rec.out_row_lse_dev = lo, hi, row_sum, finite(row_lse)
+    if rec.out_shape[0] >= 2:
+        rec.out_col_sum_dev, rec.out_col_lse_dev = col_sum, finite(col_lse)
 
 
 def _describe_output(rec: SetupRecord, out) -> None:
@@ -137,10 +148,7 @@ def _describe_output(rec: SetupRecord, out) -> None:
     if not rec.out_float or out.numel() == 0:
         return
     o = out.detach().float()
-    rec.out_min, rec.out_max = float(o.min()), float(o.max())
     if o.dim() >= 2 and o.shape[1] >= 2:  # (N, C, ...): classes on dim 1, as cross_entropy expects
-        rec.out_row_sum_dev = float((o.sum(1) - 1).abs().max())
-        lse = torch.logsumexp(o, 1).abs().max()
-        rec.out_row_lse_dev = float(lse) if math.isfinite(float(lse)) else math.inf
-        if o.shape[0] >= 2:
-            rec.out_col_sum_dev, rec.out_col_lse_dev = output_column_deviations(o)
+        set_normalisation(rec, output_normalisation(o).tolist())  # one read-back for all of it
+    else:
+        rec.out_min, rec.out_max = float(o.min()), float(o.max())

@@ -159,10 +159,6 @@ class StatsRecorder:
         self.before_forward: Callable[[nn.Module], None] | None = None
 
     # --- set-up and tear-down ------------------------------------------------------------------------
-    @property
-    def attached(self) -> bool:
-        return bool(self._hooks)
-
     def attach(self) -> None:
         """Put the hooks on and allocate the buffers on the model's device. A new attach starts a new
         record (what an earlier attach recorded is dropped)."""
