@@ -425,8 +425,11 @@ def test_train_prints_the_errors_diagnosis_found(data, tmp_path, capsys, monkeyp
     from deepscope.diagnose import callback as diagnose_callback
 
     # a finding from the run's history, as a real divergence would give, without the cost of training one
-    monkeypatch.setattr(diagnose_callback, "analyse_record", lambda *a, **k: [
-        Finding("lr_too_high", "", "error", "The training loss spiked.", "Lower the lr.")])
+    from deepscope.diagnose.analysis import Analysis
+
+    monkeypatch.setattr(diagnose_callback, "analyse_run", lambda record: Analysis(
+        [Finding("lr_too_high", "", "error", "The training loss spiked.", "Lower the lr.")], ["a check"], [], 7))
     assert main(["train", "--data-dir", str(data), *FAST, "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "diagnosis found 1 error(s)" in out and "lr_too_high: The training loss spiked." in out
+    assert "diagnosis: 1 check on 7 steps: 1 problem found." in out  # what was checked, always printed

@@ -1,9 +1,12 @@
 """Analysis as pure functions: made-up records in, findings out (no model, no training)."""
 import math
 
-from deepscope.diagnose import LayerWeight, ModuleRecord, ProbeRecord, SetupRecord, analyse_probe, analyse_setup
-from deepscope.diagnose.analyse import (
-    check_activation_scale, check_dead_units, check_learning_rate, check_no_gradient, check_nonfinite, check_saturation,
+import numpy as np
+
+from deepscope.diagnose import LayerWeight, Record, SetupRecord, analyse_run, analyse_setup
+from deepscope.diagnose.history import check_early_rise, check_lr_too_low
+from deepscope.diagnose.modules import (
+    check_activation_scale, check_dead_units, check_no_gradient, check_nonfinite_counts, check_saturation,
 )
 from deepscope.diagnose.setup_checks import (
     check_batchnorm_batch, check_inputs, check_loss_input, check_symmetric_init, check_targets,
@@ -11,24 +14,37 @@ from deepscope.diagnose.setup_checks import (
 from deepscope.diagnose.thresholds import (
     ACT_COLLAPSE_RATIO, ACT_EXPLOSION_RATIO, BN_SMALL_BATCH, LR_LOW_UPDATE_RATIO, SATURATED_FRACTION,
 )
+from deepscope.stats import Stats
 
 
 def kinds(findings):
     return [(f.kind, f.module, f.severity) for f in findings]
 
 
-def module(name, order, stds=(1.0,), active=(0.5, 0.5), saturated=(), type_="ReLU"):
-    return ModuleRecord(name, type_, order, steps=list(range(len(stds))), means=[0.0] * len(stds), stds=list(stds),
-                        saturated=list(saturated), active=list(active), n_active=1)
+MODULES = ["0", "1", "2"]            # Linear, ReLU, Linear (the output)
+RULES = ["zero: |a| <= 0.001", "floor: at the floor 0 (within 0.001)", "zero: |a| <= 0.001"]
 
 
-def healthy_probe():
-    losses = [(i, 1.4 - 0.02 * i) for i in range(30)]
-    mods = {"0": module("0", 0, type_="Linear"), "1": module("1", 1), "2": module("2", 2, type_="Linear")}
-    return ProbeRecord(steps=30, input_std=1.0, batch_sizes=[32] * 30, losses=losses, modules=mods, output_module="2",
-                       params={"0.weight": "0", "2.weight": "2"}, grad_seen={"0.weight": True, "2.weight": True},
-                       grad_nonzero={"0.weight": True, "2.weight": True},
-                       update_ratios={"0.weight": [3e-3] * 30, "2.weight": [3e-3] * 30})
+def make_stats(T=30, std=1.0, dead=0.5, rules=RULES, census=None):
+    """A healthy recorded run of T steps of the 3 modules; arrays are made-up (T, M) / (T, P) values."""
+    M, P = len(MODULES), 2
+    full = lambda v, n=M: np.full((T, n), v, dtype=np.float32)  # noqa: E731
+    census = {"1": {"units": 8, "dead": 0.0, "first_dead": 0.0, "steps": [0, T - 1], "censuses": T,
+                    "rule": "at the floor 0"}} if census is None else census
+    return Stats(modules=list(MODULES), steps=np.arange(T), weights=np.ones(T, dtype=np.int64),
+                 act_mean=full(0.0), act_std=full(std), act_min=full(-1.0), act_max=full(1.0), act_dead=full(dead),
+                 act_nonfinite=full(0.0), act_hist=np.zeros((T, M, 4), np.float32), hist_edges=np.linspace(0, 1, 5),
+                 grad_mean=full(0.0), grad_std=full(0.1), grad_norm=full(0.1), grad_nonfinite=full(0.0),
+                 param_modules=["0", "2"], weight_norm=full(1.0, P), param_grad_norm=full(0.1, P),
+                 update_ratio=full(3e-3, P), dead_threshold=1e-3, dead_rules=list(rules),
+                 structure={"output_module": "2", "input_std": 1.0, "order": list(MODULES),
+                            "census": {"every": 1, "window": 5, "modules": census}},
+                 observations={"updates": T, "eval_updates": 0, "eval_modules": [], "not_in_optimizer": [],
+                               "gradient_checks": T - 1, "stale_gradients": 0})
+
+
+def healthy_losses(T=30):
+    return [1.4 - 0.02 * i for i in range(T)]
 
 
 def healthy_setup():
@@ -39,95 +55,108 @@ def healthy_setup():
                        batchnorms=["1"])
 
 
-def test_healthy_records_give_no_findings():
-    assert analyse_probe(healthy_probe()) == []
+def test_healthy_records_give_no_findings_and_say_what_ran():
+    analysis = analyse_run(Record(healthy_losses(), make_stats(), n_classes=4, setup=healthy_setup()))
+    assert analysis.findings == []
+    assert analysis.steps == 30 and "set-up" in analysis.ran[0]
+    assert analysis.summary().startswith(f"{len(analysis.ran)} checks on 30 steps: no problems found. Not checked: ")
     assert analyse_setup(healthy_setup()) == []
+    bare = analyse_run(Record(healthy_losses()))  # losses only: the statistics checks say why they did not run
+    assert ("saturated sigmoid/tanh", "no statistics were recorded") in bare.skipped
 
 
-def test_nonfinite_findings_name_the_producer():
-    rec = healthy_probe()
-    rec.nonfinite_forward = {"module": "1", "step": 3, "data": False}
-    rec.nonfinite_backward = {"module": "2", "step": 0, "how": "backward hooks"}
-    rec.nonfinite_loss = {"step": 5, "loss": math.inf}
-    rec.saved = "/tmp/run/nonfinite_batch.pt"
-    found = check_nonfinite(rec)
-    assert kinds(found) == [("nonfinite_forward", "1", "error"), ("nonfinite_backward", "2", "error"),
-                            ("nonfinite_loss", "", "error")]
-    assert "step 3" in found[0].message and "/tmp/run/nonfinite_batch.pt" in found[0].message
-    rec.nonfinite_forward = {"module": "", "step": 0, "data": True}
-    assert "input batch" in check_nonfinite(rec)[0].message
+def test_nonfinite_counts_name_the_first_module_in_call_order():
+    stats = make_stats()
+    stats.act_nonfinite[5:, 1:] = 3.0  # from step 5, the ReLU and everything after it
+    stats.structure["order"] = ["0", "1", "2"]
+    (f,) = check_nonfinite_counts(stats, healthy_losses())
+    assert kinds([f]) == [("nonfinite_forward", "1", "error")] and f.evidence["step"] == 5
+    stats.structure["order"] = ["2", "1", "0"]  # ran in another order than registered: the first to run
+    assert check_nonfinite_counts(stats, healthy_losses())[0].module == "2"
+    clean = make_stats()
+    clean.grad_nonfinite[7:, :2] = 1.0  # finite outputs, NaN output gradients of 0 and 1: made after module 1
+    (b,) = check_nonfinite_counts(clean, healthy_losses())
+    assert kinds([b]) == [("nonfinite_backward", "1", "error")]
+    losses = healthy_losses()
+    losses[7] = math.inf  # ...unless the loss was non-finite first: then its gradient carried it
+    assert kinds(check_nonfinite_counts(clean, losses)) == [("nonfinite_loss", "", "error")]
+    assert check_nonfinite_counts(make_stats(), healthy_losses()) == []
 
 
-def test_no_gradient_groups_parameters_by_module():
-    rec = healthy_probe()
-    rec.grad_seen = {"0.weight": True, "2.weight": False}
-    assert kinds(check_no_gradient(rec)) == [("no_gradient", "2", "warning")]
-    rec.grad_seen = {"0.weight": False, "2.weight": False}  # no backward finished: nothing to conclude
-    assert check_no_gradient(rec) == []
+def test_replayed_nonfinite_finding_replaces_the_estimate():
+    from deepscope.diagnose import Finding
+
+    stats = make_stats()
+    stats.act_nonfinite[5:, 2] = 1.0
+    exact = Finding("nonfinite_forward", "1", "error", "replayed", "", {"source": "replay"})
+    found = analyse_run(Record(healthy_losses(), stats, replay=[exact])).findings
+    assert [(f.kind, f.module) for f in found if f.kind.startswith("nonfinite")] == [("nonfinite_forward", "1")]
 
 
-def test_dead_units_fraction_and_chain_reported_once():
-    rec = healthy_probe()
-    rec.modules["1"].active = [0.0] * 3 + [0.5]  # 3 of 4 channels never on
-    rec.modules["1b"] = module("1b", 1.5, active=[0.0] * 3 + [0.5], type_="Dropout")  # passes the same dead units on
-    (f,) = check_dead_units(rec)
+def test_no_gradient_by_module():
+    stats = make_stats()
+    stats.param_grad_norm[:, 1] = np.nan
+    assert kinds(check_no_gradient(stats)) == [("no_gradient", "2", "warning")]
+    stats.param_grad_norm[:, :] = np.nan  # no backward finished: nothing to conclude
+    assert check_no_gradient(stats) == []
+
+
+def test_dead_units_from_the_census():
+    census = {"1": {"units": 8, "dead": 0.75, "first_dead": 0.0, "steps": [20, 29], "censuses": 30, "rule": "at 0"}}
+    (f,) = check_dead_units(make_stats(census=census))
     assert (f.kind, f.module, f.severity) == ("dead_units", "1", "warning") and f.evidence["dead_fraction"] == 0.75
-    rec.modules["1"].active = [0.0] * 4
-    assert check_dead_units(rec)[0].severity == "error"
-    rec.modules["1"].active = [0.0] + [0.5] * 9  # 10%: below the layer threshold
-    rec.modules.pop("1b")
-    assert check_dead_units(rec) == []
+    assert "0% at the start" in f.message
+    census["1"]["dead"] = 1.0
+    assert check_dead_units(make_stats(census=census))[0].severity == "error"
+    census["1"]["dead"] = 0.1  # below the layer threshold
+    assert check_dead_units(make_stats(census=census)) == []
 
 
 def test_activation_explosion_and_collapse_through_depth():
-    rec = healthy_probe()
-    rec.modules["1"].stds = [ACT_EXPLOSION_RATIO * 3]
-    assert kinds(check_activation_scale(rec)) == [("activation_explosion", "1", "warning")]
-    rec.modules["1"].stds = [ACT_COLLAPSE_RATIO / 3]
-    assert kinds(check_activation_scale(rec)) == [("activation_collapse", "1", "warning")]
-    rec.modules["2"].stds = [ACT_COLLAPSE_RATIO / 3]  # the model's output (logits) may be small: not flagged
-    rec.modules["1"].stds = [1.0]
-    assert check_activation_scale(rec) == []
+    stats = make_stats()
+    stats.act_std[:, 1] = ACT_EXPLOSION_RATIO * 3
+    assert kinds(check_activation_scale(stats)) == [("activation_explosion", "1", "warning")]
+    stats.act_std[:, 1] = ACT_COLLAPSE_RATIO / 3
+    assert kinds(check_activation_scale(stats)) == [("activation_collapse", "1", "warning")]
+    stats.act_std[:, 1] = 1.0
+    stats.act_std[:, 2] = ACT_COLLAPSE_RATIO / 3  # the model's output (logits) may be small: not flagged
+    assert check_activation_scale(stats) == []
+    stats.structure["input_std"] = 1000.0  # judged against the input's own scale
+    assert kinds(check_activation_scale(stats)) == [("activation_collapse", "0", "warning")]
 
 
-def test_activation_drift_over_time():
-    rec = healthy_probe()
-    rec.modules["1"].stds = [1.0, 10.0, 100.0, 1000.0]
-    assert kinds(check_activation_scale(rec)) == [("activation_explosion", "1", "warning")]
-    rec.modules["1"].stds = [1.0, 0.1, 0.01, 0.001]
-    assert kinds(check_activation_scale(rec)) == [("activation_collapse", "1", "warning")]
+def test_activation_growth_over_time():
+    stats = make_stats()
+    stats.act_std[:, 1] = np.geomspace(1.0, 1e4, 30)
+    assert kinds(check_activation_scale(stats)) == [("activation_explosion", "1", "warning")]
 
 
-def test_saturation():
-    rec = healthy_probe()
-    rec.modules["1"].saturated = [SATURATED_FRACTION + 0.3] * 5
-    assert kinds(check_saturation(rec)) == [("saturation", "1", "warning")]
-    rec.modules["1"].saturated = [0.01] * 5
-    assert check_saturation(rec) == []
+def test_saturation_of_saturating_activations_only():
+    rules = [RULES[0], "saturating: within 0.02 of -1 or 1 (saturated)", RULES[2]]
+    stats = make_stats(rules=rules, dead=SATURATED_FRACTION + 0.3)
+    assert kinds(check_saturation(stats)) == [("saturation", "1", "warning")]
+    assert check_saturation(make_stats(rules=rules, dead=0.01)) == []
+    assert check_saturation(make_stats(dead=0.9)) == []  # a ReLU mostly off is not saturated (dead_units says)
+    out = make_stats(rules=[RULES[0], RULES[1], rules[1]], dead=0.9)
+    assert check_saturation(out) == []  # the model's own output (a sigmoid for BCE) is meant to be near 0 or 1
 
 
 def test_learning_rate_too_high_rising_spiking_and_diverging():
-    rec = healthy_probe()
-    rec.losses = [(i, 1.4 + 0.05 * i) for i in range(30)]
-    assert kinds(check_learning_rate(rec)) == [("lr_too_high", "", "error")]
-    rec.losses = [(i, 1.4 + 0.015 * i) for i in range(30)]  # +24% between the quarters: a warning
-    assert kinds(check_learning_rate(rec)) == [("lr_too_high", "", "warning")]
-    rec.losses = [(0, 1.4), (1, 50.0)] + [(i, 1.3) for i in range(2, 30)]
-    assert kinds(check_learning_rate(rec)) == [("lr_too_high", "", "error")]
-    rec.losses = [(0, 1.4), (1, 3.0), (2, 9.0), (3, math.nan)]
-    assert "became NaN" in check_learning_rate(rec)[0].message
+    assert kinds(check_early_rise([1.4 + 0.1 * i for i in range(30)])) == [("lr_too_high", "", "error")]  # 2.3x
+    assert kinds(check_early_rise([1.4 + 0.05 * i for i in range(30)])) == [("lr_too_high", "", "warning")]
+    assert kinds(check_early_rise([1.4 + 0.015 * i for i in range(30)])) == [("lr_too_high", "", "warning")]
+    assert "became NaN" in check_early_rise([1.4, 3.0, 9.0, math.nan])[0].message
+    assert check_early_rise(healthy_losses()) == []
+    spiked = analyse_run(Record([1.4, 50.0] + [1.3] * 28, make_stats())).findings
+    assert kinds(spiked) == [("lr_too_high", "", "error")]
 
 
 def test_learning_rate_too_low_needs_flat_loss_and_tiny_updates():
-    rec = healthy_probe()
-    rec.losses = [(i, 1.4) for i in range(30)]
-    rec.update_ratios = {"0.weight": [LR_LOW_UPDATE_RATIO / 100] * 30, "2.weight": [LR_LOW_UPDATE_RATIO / 100] * 30}
-    assert kinds(check_learning_rate(rec)) == [("lr_too_low", "", "warning")]
-    rec.update_ratios = {"0.weight": [3e-3] * 30, "2.weight": [3e-3] * 30}  # flat but moving: not the lr
-    assert check_learning_rate(rec) == []
-    rec.update_ratios = {"0.weight": [1e-7] * 30, "2.weight": [1e-7] * 30}
-    rec.losses = [(i, 1.4 - 0.02 * i) for i in range(30)]  # learning anyway
-    assert check_learning_rate(rec) == []
+    flat = [1.4] * 30
+    tiny = np.full((30, 2), LR_LOW_UPDATE_RATIO / 100)
+    assert kinds(check_lr_too_low(flat, tiny)) == [("lr_too_low", "", "warning")]
+    assert check_lr_too_low(flat, np.full((30, 2), 3e-3)) == []  # flat but moving: not the lr
+    assert check_lr_too_low(healthy_losses(), np.full((30, 2), 1e-7)) == []  # learning anyway
 
 
 def test_target_checks():
@@ -199,8 +228,7 @@ def test_input_normalisation():
 
 
 def test_recorded_exception_becomes_a_finding():
-    rec = healthy_probe()
-    rec.error = {"where": "forward", "type": "RuntimeError", "message": "mat1 and mat2 shapes cannot be multiplied",
-                 "step": 0}
-    (f,) = [f for f in analyse_probe(rec) if f.kind == "exception"]
+    error = {"where": "forward", "type": "RuntimeError", "message": "mat1 and mat2 shapes cannot be multiplied",
+             "step": 0}
+    (f,) = [f for f in analyse_run(Record([], error=error)).findings if f.kind == "exception"]
     assert f.severity == "error" and "RuntimeError" in f.message and "mat1 and mat2" in f.message

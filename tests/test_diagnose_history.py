@@ -212,9 +212,12 @@ def test_symptoms_are_listed_under_their_cause():
     assert found[0].caused_by == "" and {x.caused_by for x in found[1:]} == {"lr_too_high"}
     text = format_findings(found)
     assert "caused by lr_too_high" in text and text.index("lr_too_high [") < text.index("dead_units [")
-    # without their cause, the same findings stand on their own
+    # without the learning rate, the collapse explains the dead units (a collapsed signal sits at the floor)
     alone = sort_findings([f("dead_units", "act1", "warning"), f("activation_collapse", "conv2", "warning")])
-    assert all(x.caused_by == "" for x in alone)
+    assert [(x.kind, x.caused_by) for x in alone] == [("activation_collapse", ""), ("dead_units", "activation_collapse")]
+    # two kinds never explain each other: only a kind listed earlier in CAUSES can be a cause
+    pair = sort_findings([f("gradient_explosion", "rnn"), f("activation_collapse", "fc", "warning")])
+    assert [(x.kind, x.caused_by) for x in pair] == [("gradient_explosion", ""), ("activation_collapse", "gradient_explosion")]
     # a loop bug explains the divergence it caused
     bug = sort_findings([f("lr_too_high"), f("gradients_not_zeroed"), f("dead_units", "a", "warning")])
     assert bug[0].kind == "gradients_not_zeroed" and all(x.caused_by == "gradients_not_zeroed" for x in bug[1:])

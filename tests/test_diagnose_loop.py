@@ -106,7 +106,12 @@ def test_gradient_explosion_on_plain_arrays():
     (f,) = check_gradient_explosion(["a", "b", "c"], steps, np.c_[flat, later, grows])
     assert f.module == "c" and f.evidence["exploding"] == ["b", "c"] and 10 < f.evidence["onset_step"] < 25
     assert check_gradient_explosion(["a"], steps, np.c_[np.logspace(0, -2, 40)]) == [], "falling is healthy"
-    assert check_gradient_explosion(["a"], steps, np.c_[np.r_[np.ones(30), np.full(10, np.nan)]]) != [], "to NaN"
+    # growing, then NaN: an explosion, judged on its last finite norms
+    assert check_gradient_explosion(["a"], steps, np.c_[np.r_[np.ones(5), np.logspace(0, 5, 25), np.full(10, np.nan)]])
+    # flat, then NaN at once: a NaN made elsewhere (a module's forward, the loss), which the NaN checks report
+    assert check_gradient_explosion(["a"], steps, np.c_[np.r_[np.ones(30), np.full(10, np.nan)]]) == []
+    # tiny gradients of a collapsed network growing back are not an explosion (below GRAD_EXPLOSION_FLOOR)
+    assert check_gradient_explosion(["a"], steps, np.c_[np.logspace(-11, -7, 40)]) == []
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -161,3 +166,107 @@ def test_softmax_over_the_batch_is_found_by_watch_and_by_diagnose(dim, wrong, lo
             w.step(loss, targets=yb)
     assert ("softmax_wrong_dim" in {f.kind for f in w.findings()}) == wrong
     assert ("softmax_wrong_dim" in {f.kind for f in diagnose(SoftmaxNet(dim, log), batches, loss_fn, steps=2)}) == wrong
+
+
+# --- unshuffled_batches ---------------------------------------------------------------------------------------
+def classifier(arch: str, n_classes: int) -> nn.Module:
+    return nn.Sequential(ARCHS[arch][0](), nn.ReLU(), nn.Linear(3, n_classes))
+
+
+def dataset_inputs(arch: str, n: int, g: torch.Generator) -> torch.Tensor:
+    return {"mlp": lambda: torch.randn(n, 6, generator=g), "cnn": lambda: torch.randn(n, 1, 6, 6, generator=g),
+            "lstm": lambda: torch.randint(0, 10, (n, 5), generator=g)}[arch]()
+
+
+def train_classes(arch: str, n_classes: int, batch_size: int, *, ordered: bool, steps: int = 24, targets=True,
+                  dtype=torch.int64):
+    """A plain loop over a torch DataLoader, shuffled or over a dataset sorted by label (shuffle=False)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    n = steps * batch_size
+    y = torch.arange(n) * n_classes // n if ordered else torch.randint(0, n_classes, (n,), generator=g)
+    loader = DataLoader(TensorDataset(dataset_inputs(arch, n, g), y), batch_size=batch_size, shuffle=not ordered,
+                        generator=g)
+    model = classifier(arch, n_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with deepscope.watch(model, opt) as w:
+        for xb, yb in loader:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss, targets=yb.to(dtype) if targets else None)
+    return w
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("n_classes, batch_size", [(10, 32), (2, 16)])
+def test_shuffled_class_batches_are_not_unshuffled(arch, n_classes, batch_size, one_thread):
+    w = train_classes(arch, n_classes, batch_size, ordered=False)
+    assert w.stats().observations["label_batches"] == 24, "the check did run"
+    assert "unshuffled_batches" not in {f.kind for f in w.findings()}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("n_classes, batch_size", [(10, 32), (2, 16)])
+def test_data_sorted_by_label_is_unshuffled(arch, n_classes, batch_size, one_thread):
+    f = {f.kind: f for f in train_classes(arch, n_classes, batch_size, ordered=True).findings()}["unshuffled_batches"]
+    assert f.severity == "error" and "shuffle=True" in f.fix
+    assert f.evidence["median_batch_classes"] == 1 and f.evidence["run_classes"] == n_classes
+    assert f.evidence["expected_shuffled_classes"] > 1.9 and f.evidence["label_order"] == "rises"
+    assert f"1 of the run's {n_classes} classes" in f.message
+
+
+def test_uint8_class_targets_are_observed_and_regression_or_missing_targets_are_not_judged(one_thread):
+    f = {f.kind: f for f in train_classes("mlp", 10, 32, ordered=True, dtype=torch.uint8).findings()}
+    assert "unshuffled_batches" in f
+    regression = train_classes("mlp", 10, 32, ordered=True, dtype=torch.float32)  # sorted float targets
+    obs = regression.stats().observations
+    assert (obs["targets_seen"], obs["other_targets"], obs["label_batches"]) == (24, 24, 0)
+    assert "unshuffled_batches" not in {f.kind for f in regression.findings()}
+    untold = train_classes("mlp", 10, 32, ordered=True, targets=False)
+    assert untold.stats().observations["targets_seen"] == 0, "no targets: the check did not run"
+    assert "unshuffled_batches" not in {f.kind for f in untold.findings()}
+
+
+def _label_obs(batches: list[list[int]]) -> dict:
+    counts = {}
+    for b in batches:
+        for c in b:
+            counts[c] = counts.get(c, 0) + 1
+    return {"targets_seen": len(batches), "label_batches": len(batches),
+            "batch_classes": [len(set(b)) for b in batches],
+            "batch_label_means": [sum(b) / len(b) for b in batches], "batch_sizes": [len(b) for b in batches],
+            "class_counts": sorted(counts.values(), reverse=True)}
+
+
+def test_unshuffled_batches_on_plain_observations():
+    from deepscope.diagnose.loop import check_batch_shuffling
+
+    g = torch.Generator().manual_seed(0)
+    shuffled = [torch.randint(0, 10, (32,), generator=g).tolist() for _ in range(30)]
+    assert check_batch_shuffling(_label_obs(shuffled)) == []
+    ordered = sorted(c for b in shuffled for c in b)
+    sorted_batches = [ordered[i:i + 32] for i in range(0, len(ordered), 32)]
+    (f,) = check_batch_shuffling(_label_obs(sorted_batches))
+    assert f.kind == "unshuffled_batches" and f.evidence["median_batch_classes"] <= 2
+    assert check_batch_shuffling(_label_obs(sorted_batches[:19])) == [], "too few batches to judge"
+    assert check_batch_shuffling({"targets_seen": 0}) == [] and check_batch_shuffling({}) == []
+    # two classes, all 0s then all 1s, over two epochs: one class per batch and a rising label
+    binary = ([[0] * 16] * 12 + [[1] * 16] * 12) * 2
+    (f,) = check_batch_shuffling(_label_obs(binary))
+    assert f.evidence["run_classes"] == 2 and f.evidence["label_order"] == "rises"
+    # ...but batches of one class each in random order (one user's data per batch) are not "sorted"
+    groups = [[int(torch.randint(0, 2, (), generator=g))] * 16 for _ in range(48)]
+    assert check_batch_shuffling(_label_obs(groups)) == []
+    # many classes per batch still count as unshuffled when the labels arrive sorted
+    many = list(range(100)) * 8
+    many.sort()
+    (f,) = check_batch_shuffling(_label_obs([many[i:i + 32] for i in range(0, len(many), 32)]))
+    assert f.evidence["median_batch_classes"] > 2 and f.evidence["label_order_share"] == 1.0
+    # tiny batches of a shuffled 10-class run hold 1-2 classes by nature
+    pairs = [torch.randint(0, 10, (2,), generator=g).tolist() for _ in range(60)]
+    assert check_batch_shuffling(_label_obs(pairs)) == []
+    assert [x.kind for x in analyse_loop({**_label_obs(sorted_batches), "updates": 30})] == ["unshuffled_batches"]

@@ -142,7 +142,9 @@ def test_nonfinite_loss_when_no_module_is_to_blame(tmp_path):
         return -torch.log(p * 0).mean()  # log(0)
 
     findings = diagnose(healthy_mlp(), make_batches(), log_zero_loss, save_dir=tmp_path)
-    assert [(f.kind, f.module) for f in findings if f.severity == "error"] == [("nonfinite_loss", "")]
+    # the one root cause; the NaN losses it made are listed under it
+    assert [(f.kind, f.module) for f in findings if f.severity == "error" and not f.caused_by] == [("nonfinite_loss", "")]
+    assert "hand-written loss" in found(findings, "nonfinite_loss")[0].fix
     saved = torch.load(tmp_path / NONFINITE_BATCH_FILE)
     model = healthy_mlp()
     model.load_state_dict(saved["model_state"])
@@ -308,7 +310,7 @@ def test_input_not_normalized():
 
 def test_sequence_outputs_are_judged_per_feature_not_per_position():
     """(N, L, C) embeddings: 'dead' is about the C features; 10 positions are not 10 units."""
-    from deepscope.diagnose.probe import unit_axis
+    from deepscope.dead import unit_axis
 
     torch.manual_seed(0)
     L, C, V = 10, 16, 30

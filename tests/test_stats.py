@@ -66,6 +66,8 @@ def norm(ts):
 
 @pytest.mark.parametrize("subsample", [4096, None])  # tensors copied whole into the sample block; exact reductions
 def test_every_statistic_matches_a_direct_computation(subsample):
+    from deepscope.dead import off_rule
+
     stats_cb, direct = ActivationStats(flush_every=4, subsample=subsample), Direct()
     learn = learner([stats_cb, direct], opt_func=torch.optim.AdamW)
     learn.fit(1)
@@ -81,7 +83,8 @@ def test_every_statistic_matches_a_direct_computation(subsample):
             np.testing.assert_allclose(s.act_mean[t, i], a.mean().item(), **close)
             np.testing.assert_allclose(s.act_std[t, i], a.std().item(), **close)
             assert s.act_min[t, i] == a.min().item() and s.act_max[t, i] == a.max().item()
-            assert s.act_dead[t, i] == pytest.approx((a.abs() <= DEAD_THRESHOLD).float().mean().item())
+            # off by the module's own rule (deepscope.dead): ReLU's floor, |a| <= tolerance for Linear
+            assert s.act_dead[t, i] == pytest.approx(off_rule(module).off(a).float().mean().item())
             assert s.act_nonfinite[t, i] == 0
             hist = torch.histc(a.abs().clamp(0, 10), 40, 0, 10)  # values beyond 10 land in the last bin
             np.testing.assert_array_equal(s.act_hist[t, i], hist.numpy())
@@ -144,7 +147,8 @@ class SyncGuard:
 
 @pytest.mark.parametrize("subsample", [4096, 16, None])  # whole copies, lattice samples, exact reductions
 def test_no_host_sync_inside_the_step(monkeypatch, subsample):
-    guard = SyncGuard(monkeypatch, "deepscope/stats/")
+    # off_rule reads f(0) of each activation once, when the hooks go on (before_fit), never in a step
+    guard = SyncGuard(monkeypatch, "deepscope/stats/", allowed=("read", "off_rule"))
     stats_cb = ActivationStats(valid=True, flush_every=4, subsample=subsample)
     learn = learner([stats_cb], n_train=9)
     learn.fit(2)
@@ -350,7 +354,10 @@ def test_exact_reductions_match_a_direct_torch_computation(n, hist_range, bins):
     x = (torch.randn(n, generator=g) * 3).relu_() - torch.rand(n, generator=g) * (torch.rand(n, generator=g) < 0.3)
     x[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), DEAD_THRESHOLD, 0.0])[:n]
     out, hist = torch.full((6,), 7.0), torch.zeros(bins + 1)
-    activation_stats(x, DEAD_THRESHOLD, hist_range, out, hist)
+    from deepscope.dead import off_rule
+
+    zero_rule = off_rule(torch.nn.Identity(), DEAD_THRESHOLD)        # no floor: |a| <= tolerance is off
+    activation_stats(x, zero_rule, hist_range, out, hist)
     finite = x[torch.isfinite(x)]
     assert hist[0] == out[5] == (~torch.isfinite(x)).sum()
     np.testing.assert_array_equal(hist[1:], torch.histc(finite.abs().clamp(*hist_range), bins, *hist_range))
@@ -358,7 +365,7 @@ def test_exact_reductions_match_a_direct_torch_computation(n, hist_range, bins):
     assert out[2].isnan() and out[3].isnan()                        # NaN propagates into min and max, as in torch
     f = x.clone().nan_to_num_(0.0, 0.0, 0.0)                        # sum and norm of the finite values
     out_f = torch.full((6,), 7.0)
-    activation_stats(f, DEAD_THRESHOLD, hist_range, out_f, torch.zeros(bins + 1))
+    activation_stats(f, zero_rule, hist_range, out_f, torch.zeros(bins + 1))
     torch.testing.assert_close(out_f[:2], torch.stack([f.double().sum(), f.double().norm()]).float())
     assert out_f[2] == f.min() and out_f[3] == f.max() and out_f[5] == 0
     grad = torch.full((6,), 7.0)

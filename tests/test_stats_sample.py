@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from deepscope.dead import off_rule
 from deepscope.stats.sample import RUN, SampleBlock, largest_prime_at_most
 
 
-def block(n_tensors=2, n_acts=1, size=64, steps=2, hist_range=(0.0, 10.0), bins=40, seed=0):
-    return SampleBlock(n_tensors, n_acts, size, torch.device("cpu"), dead_threshold=1e-3,
+def block(n_tensors=2, n_acts=1, size=64, steps=2, hist_range=(0.0, 10.0), bins=40, seed=0, rules=None):
+    rules = rules or [off_rule(torch.nn.Identity(), 1e-3)] * n_acts  # |a| <= 1e-3 is off
+    return SampleBlock(n_tensors, n_acts, size, torch.device("cpu"), rules=rules,
                        hist_range=hist_range, bins=bins, steps=steps, seed=seed)
 
 

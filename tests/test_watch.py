@@ -278,3 +278,82 @@ def test_a_step_cut_short_by_an_error_is_dropped_and_a_new_with_starts_afresh(on
     with w:
         plain_loop(model, data[:1], w, opt=opt)
     assert w.stats().steps.tolist() == [0] and len(w.losses) == 1 and w.steps == 1
+
+
+# --- loss_shape_mismatch in a plain loop, and the Learner's targets -----------------------------------------------
+class LSTMRegressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 8, batch_first=True), nn.Linear(8, 1)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+REGRESSORS = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 1)),
+            lambda g: torch.randn(16, 10, generator=g)),
+    "cnn": (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(4, 1)), lambda g: torch.randn(16, 1, 6, 6, generator=g)),
+    "lstm": (LSTMRegressor, lambda g: torch.randn(16, 5, 3, generator=g)),
+}
+
+
+def regression_loop(arch: str, *, column_targets: bool, squeeze: bool = False, steps: int = 3):
+    torch.manual_seed(0)
+    make, inputs = REGRESSORS[arch]
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    with deepscope.watch(model, opt) as w:
+        for _ in range(steps):
+            xb, yb = inputs(g), torch.randn(16, generator=g)
+            yb = yb[:, None] if column_targets else yb
+            pred = model(xb)
+            loss = nn.functional.mse_loss(pred.squeeze(-1) if squeeze else pred, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss, targets=yb)
+    return {f.kind: f for f in w.findings()}
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")
+@pytest.mark.parametrize("arch", list(REGRESSORS))
+def test_predictions_broadcast_against_targets_in_the_loss(arch, one_thread):
+    f = regression_loop(arch, column_targets=False)["loss_shape_mismatch"]  # (16, 1) against (16,): (16, 16)
+    assert f.severity == "error" and f.evidence["broadcast_shape"] == [16, 16]
+    assert f.evidence["loss_pairs"] == "broadcast", "the loss's value is the error over all 256 pairs"
+    assert "(16, 1)" in f.message and "(16,)" in f.message and "squeeze(-1)" in f.fix
+
+
+@pytest.mark.parametrize("arch", list(REGRESSORS))
+def test_matching_prediction_and_target_shapes_are_fine(arch, one_thread):
+    assert "loss_shape_mismatch" not in regression_loop(arch, column_targets=True)
+    # (16, 1) outputs and (16,) targets, squeezed in the loop before the loss: the loss's value shows it
+    assert "loss_shape_mismatch" not in regression_loop(arch, column_targets=False, squeeze=True)
+
+
+def test_class_index_targets_against_logits_are_fine(one_thread):
+    model, data = mlp(), batches(n=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with deepscope.watch(model, opt) as w:
+        plain_loop(model, data, w, opt=opt)  # (16, 3) logits, (16,) int64 targets
+    assert "loss_shape_mismatch" not in {f.kind for f in w.findings()}
+    assert w.stats().observations["targets_seen"] == 3
+
+
+def test_the_learner_gives_its_batches_targets_to_the_loop_checks(one_thread):
+    from deepscope.diagnose.loop import analyse_loop
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24 * 16, 10, generator=g), torch.arange(24 * 16) * 3 // (24 * 16)  # sorted by label
+    data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(x), 16)]
+    stats_cb = ActivationStats()
+    learn = Learner(mlp(), DataLoaders(data, data[:2]), nn.functional.cross_entropy, lr=0.1,
+                    opt_func=lambda p, lr: torch.optim.SGD(p, lr=lr), cbs=[stats_cb])
+    learn.fit(1)
+    obs = stats_cb.stats().observations
+    assert obs["targets_seen"] == obs["label_batches"] == 24, "training batches only, not the validation ones"
+    assert "unshuffled_batches" in {f.kind for f in analyse_loop(obs)}

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .callback import Callback, CancelFitException
+from .dead import off_rule
 from .errors import ConfigError
 from .hooks import ACTIVATION_TYPES, Hooks, select_modules
 
@@ -42,10 +43,6 @@ DEFAULT_LR = 2e-3  # AdamW, constant: one lr for every batch size (see docs/abla
 EVAL_ITEMS = 2000  # the first N test images: the same fixed subset for every run
 DEAD_BATCH = 500  # test images pushed through the trained model to measure dead activations
 FINAL_LOSS_WINDOW = 20  # "final train loss" = mean of the last N batch losses (one batch is too noisy)
-# An activation output counts as dead when it is <= f(0) + DEAD_MARGIN, f being the activation: the unit
-# sits on its off side (input <= 0). For ReLU that is an exact zero; for GeneralRelu (leak 0.1, sub 0.4)
-# it is <= -0.4, where the unit passes only a 0.1-slope gradient.
-DEAD_MARGIN = 0.0
 CSV_COLUMNS = ("norm", "batch_size", "init", "act", "seed", "accuracy", "train_loss", "dead_fraction", "steps",
                "samples", "seconds")
 
@@ -133,27 +130,18 @@ class AblationGrid:
 
 
 # --- dead activations ------------------------------------------------------------------------------------
-def dead_fraction(output: torch.Tensor, floor: float, margin: float = DEAD_MARGIN) -> float:
-    """Fraction of the values of `output` that are <= floor + margin."""
-    return float((output <= floor + margin).float().mean())
-
-
-def activation_floor(act: nn.Module) -> float:
-    """f(0) for an activation module: the output of a unit with zero input."""
-    with torch.no_grad():
-        return float(act(torch.zeros(1)))
-
-
-def measure_dead(model: nn.Module, xb: torch.Tensor, margin: float = DEAD_MARGIN) -> float:
-    """Dead fraction over all activation outputs of `model` on `xb` (eval mode), via forward hooks.
-    Activations are found by type (torch's and deepscope's), whatever the attribute holding them is called."""
+def measure_dead(model: nn.Module, xb: torch.Tensor) -> float:
+    """The share of "off" values over all activation outputs of `model` on `xb` (eval mode), via forward
+    hooks, by deepscope.dead's one definition: at a ReLU's floor (0; `-sub` for GeneralRelu), at or below
+    f(0) for a leaky one (its unit's input <= 0, where it passes only the leak's gradient). Activations are
+    found by type (torch's and deepscope's), whatever the attribute holding them is called."""
     acts = select_modules(model, types=ACTIVATION_TYPES)
-    floors = {m: activation_floor(m) for _, m in acts}  # before the hooks exist (calling m would re-enter them)
+    rules = {m: off_rule(m) for _, m in acts}
     dead, total = [0.0], [0]
 
     def record(hook, module, inputs, output):
         n = output.numel()
-        dead[0] += dead_fraction(output, floors[module], margin) * n
+        dead[0] += float(rules[module].off(output).float().sum())
         total[0] += n
 
     was_training = model.training

@@ -39,13 +39,17 @@ class LossLog:
         return list(self._values)
 
 
-def findings_of(stats: Stats, losses: list[float], n_classes: int | None = None, also: list = ()) -> list:
-    """Diagnosis of a record and its losses, plus the adapter's own findings `also`: `Finding`s, causes
-    first (deepscope.diagnose.history.analyse_record)."""
-    from .diagnose.finding import sort_findings
-    from .diagnose.history import analyse_record
+def analysis_of(stats: Stats, losses: list[float], n_classes: int | None = None, also: list = ()):
+    """The one analysis (deepscope.diagnose.analysis.analyse_run) of a record and its losses, with the
+    adapter's own findings `also`: an `Analysis` (findings causes first, and what was checked)."""
+    from .diagnose.analysis import Record, analyse_run
 
-    return sort_findings(analyse_record(stats, losses, n_classes) + list(also))
+    return analyse_run(Record(list(losses), stats, n_classes, extra=list(also)))
+
+
+def findings_of(stats: Stats, losses: list[float], n_classes: int | None = None, also: list = ()) -> list:
+    """The findings of `analysis_of`, causes first."""
+    return analysis_of(stats, losses, n_classes, also).findings
 
 
 def report_path(path: str | Path) -> Path:

@@ -200,11 +200,18 @@ def color_dim_grid(stats, modules: Sequence[str] | None = None, ncols: int = 4):
 
 
 def dead_chart(stats, modules: Sequence[str] | None = None, ax=None):
-    """Fraction of near-zero ("dead") activations per layer over training, on a 0..1 axis."""
+    """Fraction of "off" activation values per layer over training, on a 0..1 axis: at the floor of a
+    ReLU-like activation, saturated for sigmoid/tanh, near zero elsewhere (deepscope.dead, the one
+    definition; `stats.dead_rules` says which rule each layer had)."""
     fig, ax = _axes(ax)
     cols = _names(stats.modules, _recorded(stats) if modules is None else modules)
-    _lines(ax, stats.steps, [stats.act_dead[:, i] for i, _ in cols], [n for _, n in cols],
-           title=f"dead activations (|a| ≤ {float(stats.dead_threshold):.2g})", ylabel="fraction")
+    rules = stats.dead_rules or []
+    label = lambda i, n: f"{n} ({rules[i].split(':', 1)[0]})" if i < len(rules) else n  # noqa: E731
+    title = ("off activations (at the activation's floor; saturated; |a| ≤ "
+             f"{float(stats.dead_threshold):.2g} elsewhere)" if rules else
+             f"dead activations (|a| ≤ {float(stats.dead_threshold):.2g})")
+    _lines(ax, stats.steps, [stats.act_dead[:, i] for i, _ in cols], [label(i, n) for i, n in cols],
+           title=title, ylabel="fraction of values")
     ax.set_ylim(0, 1)
     return fig
 

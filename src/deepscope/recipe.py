@@ -107,7 +107,8 @@ class RunResult:
     n_valid: int | None = None  # images in the validation set
     problem: str | None = None  # why the training failed (a non-finite loss), or None
     failed_steps: tuple[str, ...] = ()  # optional steps (the report) that could not be written
-    findings: tuple = ()  # the diagnosis of the run (Findings, errors first)
+    findings: tuple = ()  # the diagnosis of the run (Findings, causes first)
+    checked: str = ""  # what the diagnosis checked, in a line (Analysis.summary)
 
 
 def nonfinite_loss(losses: list[float], history: list[dict]) -> str | None:
@@ -160,7 +161,9 @@ def train(config: TrainConfig, *, progress: bool = True, quiet: bool = False, ov
         run.write_json(METRICS, metrics.history)
         run.write_json(RECORDER, {"loss": recorder.losses, "lr": recorder.lrs, "momentum": recorder.moms})
         save_weights(learn.model, run.file(WEIGHTS))
-        findings = [moved_paths(f, str(run.path), str(run.final)) for f in learn.get_cb(Diagnose).findings]
+        diagnosis = learn.get_cb(Diagnose)
+        findings = [moved_paths(f, str(run.path), str(run.final)) for f in diagnosis.findings]
+        checked = diagnosis.analysis.summary() if diagnosis.analysis is not None else ""
         save_findings(run.file(FINDINGS), findings)
         if learn.get_cb(ActivationStats) is not None:
             learn.get_cb(ActivationStats).save(run.file(STATS))
@@ -175,4 +178,5 @@ def train(config: TrainConfig, *, progress: bool = True, quiet: bool = False, ov
         run_dir = run.finish()
     return RunResult(run_dir, metrics.history, time.perf_counter() - started, valid_samples(config, dls),
                      len(dls.valid.x) if hasattr(dls.valid, "x") else None,
-                     nonfinite_loss(recorder.losses, metrics.history), tuple(run.failed_optional), tuple(findings))
+                     nonfinite_loss(recorder.losses, metrics.history), tuple(run.failed_optional), tuple(findings),
+                     checked)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import LossLog, findings_of, write_report
+from .adapter import LossLog, analysis_of, write_report
 from .errors import ConfigError
 from .stats.engine import SAMPLE_SIZE, ModuleSpec, StatsRecorder
 from .stats.format import Stats
@@ -56,6 +56,9 @@ class Watch:
         self._n_outputs: int | None = None
         self._output_check: torch.Tensor | None = None  # see _after_forward
         self._output_shape: tuple = ()
+        self._first_output: torch.Tensor | None = None  # the first training output, until the first w.step
+        self._loss_check: tuple | None = None  # see _check_loss_shapes
+        self._shapes_checked = False
         self._started = None
 
     # --- the context -------------------------------------------------------------------------------------
@@ -63,6 +66,7 @@ class Watch:
         # a new `with` starts a new record (the engine's attach drops the old one): so do the counters
         self.steps, self._open, self._manual, self._losses, self._targets = 0, False, False, LossLog(), None
         self._n_outputs, self._output_check = None, None
+        self._first_output, self._loss_check, self._shapes_checked = None, None, False
         self.recorder.attach()
         self.recorder.before_forward = self._begin_step  # for a submodule called on its own
         try:
@@ -104,6 +108,9 @@ class Watch:
             self._open = True
 
     def _after_forward(self, module, inputs, output) -> None:
+        if (not self._shapes_checked and self._first_output is None and isinstance(output, torch.Tensor)
+                and module.training and torch.is_grad_enabled()):
+            self._first_output = output.detach()  # its shape is compared with the targets' at the first w.step
         if self._n_outputs is None and isinstance(output, torch.Tensor) and output.dim() == 2:
             self._n_outputs = output.shape[1]  # (N, C): C classes, if the targets are class indices
             if output.is_floating_point() and output.shape[0] >= 2 and output.shape[1] >= 2 and module.training:
@@ -135,13 +142,31 @@ class Watch:
     def step(self, loss: torch.Tensor | float | None = None, *, targets: torch.Tensor | None = None) -> None:
         """End this training step. `loss` (kept on its device, read back every 64 steps) feeds the
         loss-history checks of `findings()`; `targets` (the first batch's are kept) lets them compare the
-        loss with chance level for a classifier. No host synchronisation."""
+        loss with chance level for a classifier, check the targets' shape against the model's output and,
+        counted on the device at every step, whether class batches are shuffled. No host synchronisation."""
         self._manual = True
         if loss is not None:
             self._losses.add(loss)
         if targets is not None and self._targets is None:
             self._targets = targets.detach()
+        if targets is not None:
+            self.recorder.observe_targets(targets)
+        if not self._shapes_checked:
+            self._check_loss_shapes(loss, targets)
         self._end_step()  # (already ended by the optimiser's post-hook on the first step)
+
+    def _check_loss_shapes(self, loss, targets) -> None:
+        """At the first w.step: float targets whose shape broadcasts with the first training output's to a
+        bigger one are kept for findings() with how the loss paired them (device tensors, no read-back)."""
+        from .diagnose.preflight import loss_pairing
+
+        out, self._first_output, self._shapes_checked = self._first_output, None, True
+        if out is None or not isinstance(targets, torch.Tensor):
+            return
+        values = loss_pairing(out, targets)
+        if values is not None:
+            self._loss_check = (tuple(out.shape), tuple(targets.shape), str(targets.dtype).removeprefix("torch."),
+                                values, loss.detach() if isinstance(loss, torch.Tensor) else loss)
 
     # --- results ---------------------------------------------------------------------------------------------
     @property
@@ -163,19 +188,30 @@ class Watch:
 
     def findings(self) -> list:
         """Diagnosis of everything recorded: `Finding`s, causes first (deepscope.diagnose)."""
-        return findings_of(self.stats(), self.losses, self.n_classes(), also=self._output_findings())
+        return self.analysis().findings
+
+    def analysis(self):
+        """The whole diagnosis (deepscope.diagnose.Analysis): the findings, the checks that ran on how many
+        steps, and those that could not and why; `.summary()` says it in a line."""
+        return analysis_of(self.stats(), self.losses, self.n_classes(), also=self._output_findings())
 
     def _output_findings(self) -> list:
-        """Checks on how the model's first training output was normalised (softmax over the batch)."""
-        if self._output_check is None:
-            return []
-        from .diagnose.preflight import set_normalisation
+        """Checks on the model's first training output: how it was normalised (softmax over the batch), and
+        its shape against the targets' (broadcast in the loss)."""
+        from .diagnose.preflight import pairing_of, set_normalisation
         from .diagnose.records import SetupRecord
-        from .diagnose.setup_checks import check_softmax_dim
+        from .diagnose.setup_checks import check_loss_shapes, check_softmax_dim
 
+        found = []
+        if self._loss_check is not None:
+            out_shape, y_shape, y_dtype, values, loss = self._loss_check
+            found += check_loss_shapes(SetupRecord(out_shape=out_shape, y_shape=y_shape, y_dtype=y_dtype,
+                                                   loss_pairs=pairing_of(loss, values)))
+        if self._output_check is None:
+            return found
         rec = SetupRecord(out_shape=self._output_shape)
         set_normalisation(rec, self._output_check.tolist())
-        return check_softmax_dim(rec)
+        return found + check_softmax_dim(rec)
 
     def settings(self) -> dict:
         """What the report shows as this run's configuration: the model, the watch options and the

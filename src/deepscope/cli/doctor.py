@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..callbacks.device import default_device
     from ..data import image_dls
-    from ..diagnose import diagnose, format_findings, moved_paths, save_findings
+    from ..diagnose import diagnose_run, format_findings, moved_paths, save_findings
     from ..recipe import build_model, make_optimizer_factory
     from ..runfolder import FINDINGS, RunFolder, environment
     from ..seed import set_seed
@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
         device = default_device(config.device)
         model = build_model(config, dls.n_classes or 10).to(device)
         batches = FirstBatches(dls.train, config.limit_batches) if config.limit_batches else dls.train
-        findings = diagnose(model, batches, torch.nn.functional.cross_entropy, steps=args.steps, lr=config.lr,
-                            opt_func=make_optimizer_factory(config), save_dir=run.path)
+        analysis = diagnose_run(model, batches, torch.nn.functional.cross_entropy, steps=args.steps, lr=config.lr,
+                                opt_func=make_optimizer_factory(config), save_dir=run.path)
+        findings = analysis.findings
         # The batch was saved in the staging folder, which becomes the run folder: name the final place.
         findings = [moved_paths(f, str(run.path), str(run.final)) for f in findings]
         save_findings(run.file(FINDINGS), findings)
@@ -71,5 +72,6 @@ def run(args: argparse.Namespace) -> int:
                          options={"steps": args.steps})
         run_dir = run.finish()
     print(format_findings(findings), end="")
+    print(f"checked: {analysis.summary()}")
     print(f"findings written to {run_dir / FINDINGS}")
     return 0

@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
             pad = "      " if f.caused_by else "  "
             because = f" (caused by {f.caused_by})" if f.caused_by else ""
             print(f"{pad}{f.kind}{f' in {f.module!r}' if f.module else ''}{because}: {f.message}")
+    if result.checked:
+        print(f"diagnosis: {result.checked}")
     if result.failed_steps:
         print(f"warning: the run is complete but these could not be written: {', '.join(result.failed_steps)} "
               f"(the reason is printed above)")

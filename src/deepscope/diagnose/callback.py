@@ -1,84 +1,149 @@
-"""`Diagnose`: the same findings as `diagnose()`, collected during a real fit at a small cost."""
+"""`Diagnose`: the findings of `diagnose()` and `deepscope doctor`, collected during a real fit."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 
+from ..callback import Callback, CancelFitException
 from ..callbacks import MetricsCallback, Recorder
 from ..stats import ActivationStats
-from .analyse import analyse_probe
-from .finding import Finding, merge_findings
-from .history import analyse_record
+from .analysis import Analysis, Record, analyse_run
+from .finding import Finding
 from .preflight import inspect_setup
-from .probe import Probe
-from .setup_checks import analyse_setup
-from .thresholds import DIAGNOSE_EVERY
+from .replay import locate_nonfinite
+
+# The events an ActivationStats or Recorder that Diagnose owns (the learner has none) receives from it.
+_FORWARDED = ("before_fit", "before_batch", "after_loss", "after_backward", "after_step", "cleanup_batch",
+              "after_epoch", "cleanup_epoch", "cleanup_fit")
 
 
-class Diagnose(Probe):
-    """Look inside one training step in `every` (hooks exist only on those steps) and analyse at each epoch
-    end. Findings accumulate in `.findings` (errors first); nothing stops the fit. A NaN that appears between
-    two checked steps is seen late, so the module named may be a follower: run `diagnose()` to pin it down.
-    With `save_dir`, the first batch that produced NaN/Inf is saved there.
+class Diagnose(Callback):
+    """Diagnose a fit while it runs, with the one analysis every entry point shares (`analysis.analyse_run`):
+    the recording engine's statistics of every step (the learner's `ActivationStats`, or one of its own),
+    the loss of every step (the learner's `Recorder`, or its own), the pre-flight look at the first batch,
+    and the learning-rate, loop and gradient checks. Findings are recomputed from the whole record at each
+    epoch end and at the end of the fit, into `.findings` (causes first) and `.analysis` (also what was
+    checked); nothing stops the fit unless `stop_on_nonfinite`.
 
-    At each epoch end it also analyses the whole history of the fit: the statistics of an `ActivationStats`
-    callback and the losses of a `Recorder`, when the learner has them (read once per epoch, never per step).
-    Those findings are recomputed from the full history each time, so they describe the fit so far.
+    At every training step it checks, with one host read-back, that the loss and the gradients are finite.
+    At the first step where they are not, it replays that step's batch with the weights and random state
+    the step ran with (`replay.locate_nonfinite`) to name the module that made the NaN; with `save_dir`
+    the batch is saved there. Pass `replay=False` to skip that read-back (on a GPU it is a sync per step);
+    the per-step counts of the statistics still say where NaN first appeared, less exactly.
 
-    A step that float16 MixedPrecision's scaler skips (`learn.skip_step`: its gradients overflowed) is not
-    checked for non-finite gradients or update ratios: the overflow is the scaler's, not the model's. It
-    sits out the LR finder's sweep, whose diverging steps would otherwise read as problems of the fit."""
+    A step that float16 MixedPrecision's scaler skips (`learn.skip_step`) is not checked: the overflow is
+    the scaler's. It sits out the LR finder's sweep, whose diverging steps are not problems of the fit.
+    """
 
-    order = 30
+    order = 30  # after device placement (-20), batch limits (-10), schedules (5) and MixedPrecision (20)
     in_lr_sweep = False
 
-    def __init__(self, every: int = DIAGNOSE_EVERY, save_dir: str | Path | None = None):
-        super().__init__(every, stop_on_nonfinite=False, save_dir=save_dir)
+    def __init__(self, save_dir: str | Path | None = None, *, replay: bool = True, stop_on_nonfinite: bool = False,
+                 census_every: int | None = None):
+        self.save_dir, self.replay, self.stop_on_nonfinite = save_dir, replay, stop_on_nonfinite
+        self.census_every = census_every
         self.findings: list[Finding] = []
-        self._known: list[Finding] = []  # from the probe and earlier fits: they accumulate
-        self._history: list[Finding] = []  # from this fit's history: recomputed at each epoch end
+        self.analysis: Analysis | None = None
+        self._own: list[Callback] = []
         self._setup = None
+        self._replayed: list[Finding] = []
+        self._error: dict | None = None
 
+    # --- the record: the learner's statistics and losses, or our own ------------------------------------
     def before_fit(self, learn) -> None:
-        super().before_fit(learn)
-        self._setup = None
-        self._known, self._history = self.findings, []
+        self._own = []
+        if learn.get_cb(ActivationStats) is None:
+            stats = ActivationStats()
+            if self.census_every is not None:
+                stats.options["census_every"] = self.census_every
+            self._own.append(stats)
+        if learn.get_cb(Recorder) is None:
+            self._own.append(Recorder())
+        self._setup, self._replayed, self._error, self._rng = None, [], None, None
+        self.findings, self.analysis = [], None
+        self._forward("before_fit", learn)
 
+    def _forward(self, event: str, learn) -> None:
+        for cb in self._own:
+            method = getattr(cb, event, None)
+            if method is not None:
+                method(learn)
+
+    def _stats_cb(self, learn):
+        return learn.get_cb(ActivationStats) or next((c for c in self._own if isinstance(c, ActivationStats)), None)
+
+    def _recorder(self, learn):
+        return learn.get_cb(Recorder) or next((c for c in self._own if isinstance(c, Recorder)), None)
+
+    # --- the step ----------------------------------------------------------------------------------------
     def before_batch(self, learn) -> None:
         batch = learn.batch
         if learn.training and self._setup is None and isinstance(batch, (tuple, list)) and len(batch) == 2:
             # Once per fit: the pre-flight checks on this model and its first batch (eval mode, no grad).
             self._setup = inspect_setup(learn.model, batch[0], batch[1], learn.loss_func, learn.dl)
-        super().before_batch(learn)
+        if learn.training and self.replay and not self._replayed:
+            self._rng = torch.get_rng_state()  # the state this step's forward pass starts from (dropout)
+        self._forward("before_batch", learn)
+
+    def after_loss(self, learn) -> None:
+        self._forward("after_loss", learn)
 
     def after_backward(self, learn) -> None:
-        if learn.skip_step:
-            self.where, self._before = "step", None  # nothing to check, and no update to measure
+        self._forward("after_backward", learn)
+        if not learn.training or learn.skip_step or not self.replay or self._replayed:
             return
-        super().after_backward(learn)
+        grads = [p.grad for p in learn.model.parameters() if p.grad is not None]
+        checks = [torch.isfinite(learn.loss.detach()).all()]
+        if grads:
+            checks.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if bool(torch.stack(checks).all()):  # the one read-back per step
+            return
+        kind = self._setup.loss_kind if self._setup is not None else None
+        self._replayed = locate_nonfinite(learn.model, learn.batch, learn.loss_func, step=learn.train_iter,
+                                          rng_state=self._rng, loss_kind=kind, save_dir=self.save_dir) or \
+            [Finding("diverged", "", "error", f"The loss or the gradients became NaN/Inf at step {learn.train_iter}, "
+                     "but replaying the step did not reproduce it (a non-deterministic kernel?).",
+                     "Run `deepscope doctor` with the same options to look again.", {"step": learn.train_iter})]
+        if self.stop_on_nonfinite:
+            raise CancelFitException()
+
+    def after_step(self, learn) -> None:
+        self._forward("after_step", learn)
+
+    def cleanup_batch(self, learn) -> None:
+        self._forward("cleanup_batch", learn)
 
     def after_epoch(self, learn) -> None:
-        self._history = self.history_findings(learn)
-        self.update_findings()
+        self._forward("after_epoch", learn)
+        self.update_findings(learn)
+
+    def cleanup_epoch(self, learn) -> None:
+        self._forward("cleanup_epoch", learn)
 
     def cleanup_fit(self, learn) -> None:
-        super().cleanup_fit(learn)
-        self._history = self.history_findings(learn)
-        self.update_findings()
+        self._forward("cleanup_fit", learn)
+        if isinstance(learn.error, Exception) and not isinstance(learn.error, CancelFitException):
+            self._error = {"where": "training", "type": type(learn.error).__name__,
+                           "message": str(learn.error).strip(), "step": learn.train_iter}
+        self.update_findings(learn)
 
-    def history_findings(self, learn) -> list[Finding]:
-        """Analyse the fit's history recorded by the learner's ActivationStats and Recorder callbacks."""
-        stats_cb, recorder = learn.get_cb(ActivationStats), learn.get_cb(Recorder)
+    # --- the analysis ------------------------------------------------------------------------------------
+    def record(self, learn) -> Record:
+        """What this fit recorded so far, as the analysis takes it."""
+        stats_cb, recorder = self._stats_cb(learn), self._recorder(learn)
         stats = None
         if stats_cb is not None:
             try:
                 stats = stats_cb.stats()  # one read-back of the device rows
             except RuntimeError:  # it has not recorded anything yet
                 stats = None
-        losses = recorder.losses if recorder is not None else []
+        losses = recorder.losses_so_far() if recorder is not None else []
         metrics = learn.get_cb(MetricsCallback)
         valid_losses = [r.get("valid_loss") for r in metrics.history] if metrics is not None else []
-        return analyse_record(stats, losses, self._n_classes(learn), valid_losses)
+        sizes = [self._setup.batch_size] if self._setup is not None and self._setup.batch_size else []
+        return Record(losses, stats, self._n_classes(learn), valid_losses, self._setup, sizes,
+                      list(self._replayed), self._error)
 
     def _n_classes(self, learn) -> int | None:
         """Classes of a classifier trained with cross-entropy/NLL (chance loss is ln of it), else None."""
@@ -90,11 +155,8 @@ class Diagnose(Probe):
             n = setup.out_shape[1]  # the model's output width
         return n
 
-    def update_findings(self) -> list[Finding]:
-        """Analyse what has been recorded so far and add the new findings to `.findings`."""
-        new = analyse_probe(self.record)
-        if self._setup is not None:
-            new = analyse_setup(self._setup, self.record.batch_sizes, self.record.grad_nonzero or None) + new
-        self._known = merge_findings(self._known, new)
-        self.findings = merge_findings(self._known, self._history)
+    def update_findings(self, learn) -> list[Finding]:
+        """Analyse everything recorded so far into `.analysis` and `.findings`."""
+        self.analysis = analyse_run(self.record(learn))
+        self.findings = self.analysis.findings
         return self.findings

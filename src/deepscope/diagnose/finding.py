@@ -14,7 +14,7 @@ KINDS = (
     "batchnorm_small_batch", "input_not_normalized", "no_gradient", "dead_units",
     "activation_explosion", "activation_collapse", "saturation", "lr_too_high", "lr_too_low",
     "diverged", "not_learning", "model_in_eval_mode", "params_not_in_optimizer", "gradients_not_zeroed",
-    "gradient_explosion", "softmax_wrong_dim",
+    "gradient_explosion", "softmax_wrong_dim", "unshuffled_batches", "loss_shape_mismatch",
 )
 SEVERITIES = ("error", "warning", "info")  # error: training cannot work; warning: it works badly; info: worth knowing
 
@@ -76,21 +76,40 @@ def load_findings(path: str | Path) -> list[Finding]:
     return [Finding.from_dict(d) for d in data]
 
 
-# Root causes and the symptoms each explains, most fundamental first. A symptom found beside its cause is
+# Root causes and the symptoms each explains, most fundamental first: a finding can only be caused by a
+# kind listed before its own (so two kinds never explain each other). A symptom found beside its cause is
 # linked to it (`caused_by`) and listed under it: one divergent learning rate is one card with its dead
-# layers and collapsed activations, not five separate problems. A loop bug explains a divergence; a
-# divergence explains dead, collapsed or saturated layers, exploding gradients and NaNs.
+# layers and collapsed activations, not five separate problems. Bugs in the loop and the data come first,
+# then the learning rate, then what a divergence does to the layers.
 _DIVERGENCE_SYMPTOMS = ("dead_units", "activation_collapse", "activation_explosion", "saturation",
                         "gradient_explosion", "nonfinite_forward", "nonfinite_backward", "nonfinite_loss", "diverged",
                         "not_learning")
+_NAN_SYMPTOMS = ("diverged", "dead_units", "activation_collapse", "activation_explosion", "saturation",
+                 "not_learning", "no_gradient")
 CAUSES: dict[str, tuple[str, ...]] = {
     "params_not_in_optimizer": ("not_learning", "lr_too_low"),
     "model_in_eval_mode": ("not_learning",),
     "gradients_not_zeroed": ("lr_too_high",) + _DIVERGENCE_SYMPTOMS,
+    # batches of one class each pull the model back and forth: the loss swings and can end near chance
+    "unshuffled_batches": ("lr_too_high", "not_learning"),
+    # an (N, 1) prediction against (N,) targets is one bug, reported from the loss's side and the targets';
+    # the loss of all pairs, not the intended one, also moves oddly
+    "loss_shape_mismatch": ("target_mismatch", "lr_too_high", "not_learning"),
+    # a softmax over the batch: the loss is not the one of a classifier, so ln(classes) is not its chance level
+    "softmax_wrong_dim": ("not_learning", "lr_too_high"),
+    # raw-scale inputs: the first layers' outputs are far from the input's scale, and steps overshoot
+    "input_not_normalized": ("activation_collapse", "activation_explosion", "saturation", "lr_too_high"),
     "lr_too_high": _DIVERGENCE_SYMPTOMS,
     "gradient_explosion": ("diverged", "nonfinite_forward", "nonfinite_backward", "nonfinite_loss", "dead_units",
                            "activation_collapse", "activation_explosion", "saturation"),
+    # the module or loss that made the first NaN explains the NaN losses and what they did to the layers
+    "nonfinite_forward": _NAN_SYMPTOMS,
+    "nonfinite_backward": _NAN_SYMPTOMS,
+    "nonfinite_loss": _NAN_SYMPTOMS,
     "diverged": ("dead_units", "activation_collapse", "activation_explosion", "saturation", "not_learning"),
+    # a signal that shrinks to ~0 sits within the off tolerance of the floor (units look dead), and grows
+    # back by orders of magnitude as training rescales it
+    "activation_collapse": ("dead_units", "activation_explosion", "not_learning"),
 }
 
 
@@ -98,11 +117,13 @@ def link_causes(findings: list[Finding]) -> list[Finding]:
     """Set `caused_by` on each finding that a root cause found beside it explains (CAUSES); a finding
     already linked keeps its cause. Only errors and warnings count as causes."""
     present = {f.kind for f in findings if f.severity in ("error", "warning")}
+    rank = {c: i for i, c in enumerate(CAUSES)}  # earlier in CAUSES is more fundamental: no cycles
     out = []
     for f in findings:
         if not f.caused_by:
             cause = next((c for c, symptoms in CAUSES.items()
-                          if c in present and c != f.kind and f.kind in symptoms), "")
+                          if c in present and c != f.kind and f.kind in symptoms
+                          and rank[c] < rank.get(f.kind, len(rank))), "")
             if cause:
                 f = replace(f, caused_by=cause)
         out.append(f)

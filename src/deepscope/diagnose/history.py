@@ -1,9 +1,7 @@
-"""What the whole run's history showed: pure functions of recorded arrays (ActivationStats' per-step
-statistics, the Recorder's losses) to findings.
-
-The probe looks at one step in fifty; these checks see every recorded step, so they catch what happens
-between probes and over the whole run: a layer that rises and then crashes (lesson 10's plain CNN at a
-high learning rate), layers that end mostly dead, a loss that spiked or ended stuck at chance level.
+"""What the whole run's history showed: pure functions of recorded arrays (the loss of every step, the
+recording engine's per-step statistics) to findings: a loss that rose, spiked, turned NaN, stayed flat or
+ended at chance level; a layer that rose and then crashed (lesson 10's plain CNN at a high learning rate);
+gradients that exploded. `modules.py` judges each module; `analysis.py` runs everything.
 """
 from __future__ import annotations
 
@@ -16,7 +14,8 @@ from .finding import Finding
 from .thresholds import (
     ACT_CRASH_FLOOR, ACT_CRASH_RATIO, CHANCE_LEARNED_MARGIN, CHANCE_SMOOTH, CHANCE_TOLERANCE, DEAD_VALUES_ERROR,
     DEAD_VALUES_WARNING, HISTORY_MIN_POINTS, HISTORY_TAIL_MIN, LOSS_RISE_ERROR, LOSS_SPIKE_RATIO,
-    NOT_LEARNING_DROP, NOT_LEARNING_MIN_STEPS, GRAD_EXPLOSION_ONSET, GRAD_EXPLOSION_RATIO,
+    NOT_LEARNING_DROP, NOT_LEARNING_MIN_STEPS, GRAD_EXPLOSION_ONSET, GRAD_EXPLOSION_RATIO, LOSS_FLAT_CHANGE,
+    LOSS_RISE_WARNING, LR_LOW_UPDATE_RATIO, LR_MIN_POINTS, LR_WINDOW, CHANCE_RETURN_MIN_STEPS, GRAD_EXPLOSION_FLOOR,
 )
 
 _FIX_DIVERGED = ("Lower the learning rate (3-10x; an LR finder shows the usable range) or warm it up; add "
@@ -116,12 +115,12 @@ def check_loss_history(losses: list[float], n_classes: int | None = None) -> lis
         return []
     v = np.array(values)
     k = tail_size(len(v))
-    start, final = v[0], float(v[-k:].mean())
+    start, final = float(v[0]), float(v[-k:].mean())
     at = int(v.argmax())
     peak = float(v[at])
     evidence = {"first_loss": start, "peak_loss": peak, "peak_step": at, "final_loss": final, "end_steps": k,
                 "steps": len(v)}
-    if n_classes is not None and n_classes >= 2:
+    if n_classes is not None and n_classes >= 2 and len(v) >= CHANCE_RETURN_MIN_STEPS:
         chance = math.log(n_classes)
         smooth = np.convolve(v, np.ones(CHANCE_SMOOTH) / CHANCE_SMOOTH, mode="valid")
         low_at = int(smooth.argmin())
@@ -197,6 +196,58 @@ def check_not_learning(losses: list[float], n_classes: int | None = None) -> lis
     return []
 
 
+def _quarters(values) -> tuple[float, float]:
+    q = max(1, len(values) // 4)
+    return float(np.mean(values[:q])), float(np.mean(values[-q:]))
+
+
+def check_early_rise(losses: list[float]) -> list[Finding]:
+    """lr_too_high from the first LR_WINDOW training losses: rising 20% (LOSS_RISE_WARNING) from the first
+    quarter to the last instead of falling, or rising and then turning NaN/Inf."""
+    window = losses[:LR_WINDOW]
+    finite = finite_prefix(window)
+    if len(finite) < len(window) and len(finite) >= 2 and max(finite[1:]) > finite[0] * LOSS_RISE_WARNING > 0:
+        step = len(finite)
+        return [Finding("lr_too_high", "", "error",
+                        f"The loss rose from {finite[0]:.4g} to {max(finite):.4g} and became NaN/Inf at step {step}: "
+                        "the training diverged.", "Lower the learning rate 10x (run an LR finder), or add gradient "
+                        "clipping and warm-up.", {"losses": finite, "nonfinite_step": step})]
+    if len(finite) < LR_MIN_POINTS or len(finite) < len(window):
+        return []
+    first, last = _quarters(finite)
+    if first > 0 and last > first * LOSS_RISE_WARNING:
+        return [Finding("lr_too_high", "", "error" if last > first * LOSS_RISE_ERROR else "warning",
+                        f"The loss went up from {first:.4g} to {last:.4g} ({last / first:.2f}x) over the first "
+                        f"{len(finite)} steps instead of down: the steps overshoot.",
+                        "Lower the learning rate (3-10x), or use warm-up; an LR finder shows the usable range.",
+                        {"first_quarter_loss": first, "last_quarter_loss": last, "points": len(finite)})]
+    return []
+
+
+def check_lr_too_low(losses: list[float], update_ratio: np.ndarray) -> list[Finding]:
+    """lr_too_low: over the whole run the loss moved less than LOSS_FLAT_CHANGE (first quarter vs last)
+    while the median update-to-weight ratio (every recorded step and module, `update_ratio` (T, P)) stayed
+    below LR_LOW_UPDATE_RATIO."""
+    values = finite_prefix(losses)
+    ratios = np.asarray(update_ratio, dtype=np.float64)
+    ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
+    if len(values) < LR_MIN_POINTS or len(values) < len(losses) or not len(ratios):
+        return []
+    first, last = _quarters(values)
+    median = float(np.median(ratios))
+    if first == 0:
+        return []
+    change = abs(last - first) / abs(first)
+    if change < LOSS_FLAT_CHANGE and median < LR_LOW_UPDATE_RATIO:
+        return [Finding("lr_too_low", "", "warning",
+                        f"The loss barely moved in {len(values)} steps ({first:.4g} -> {last:.4g}, {change:.2%}) and "
+                        f"each step changed the weights by a median {median:.1e} of their size, far below the ~1e-3 "
+                        f"that trains well.", "Raise the learning rate (10-100x); an LR finder shows the usable range.",
+                        {"first_quarter_loss": first, "last_quarter_loss": last, "points": len(values),
+                         "median_update_ratio": median})]
+    return []
+
+
 def check_gradient_explosion(param_modules: list[str], steps: np.ndarray, grad_norm: np.ndarray) -> list[Finding]:
     """'gradient_explosion' when a module's parameter-gradient norm (T, P) ends GRAD_EXPLOSION_RATIO times
     above its early level; names the module where it started: the first to pass GRAD_EXPLOSION_ONSET times
@@ -205,18 +256,32 @@ def check_gradient_explosion(param_modules: list[str], steps: np.ndarray, grad_n
     if T < HISTORY_MIN_POINTS or not len(param_modules):
         return []
     g = np.asarray(grad_norm, dtype=np.float64)
-    head, tail = max(2, T // 10), max(2, T // 4)
     exploding, onsets = [], {}
     for j, name in enumerate(param_modules):
         series = g[:, j]
-        with warnings.catch_warnings():  # an all-NaN stretch (no gradient, or NaN at the end) is expected here
+        # up to the first non-finite norm after finite ones: a NaN made elsewhere (a module's forward, the
+        # loss) turns every gradient NaN at once, which the NaN checks report; an explosion grows first
+        finite = np.isfinite(series)
+        started = np.flatnonzero(finite)
+        if len(started):
+            broke = np.flatnonzero(~finite[started[0]:])
+            if len(broke):
+                series = series[:started[0] + broke[0]]
+        ended_in_nan = len(series) < T
+        # a run that ended in NaN may have exploded within a few steps: 3 finite norms show the growth
+        if len(series) < (3 if ended_in_nan else HISTORY_MIN_POINTS):
+            continue
+        head, tail = max(1, len(series) // 10), max(2, len(series) // 4)
+        with warnings.catch_warnings():  # an all-NaN stretch (no gradient) is expected here
             warnings.simplefilter("ignore", RuntimeWarning)
-            early, late = np.nanmedian(series[:head]), np.nanmedian(series[-tail:])
+            early = np.nanmedian(series[:head])
+            # a run that ended in NaN: its last finite norms are the explosion, however few
+            late = np.nanmax(series[-tail:]) if ended_in_nan else np.nanmedian(series[-tail:])
         if not (np.isfinite(early) and early > 0):
             continue
-        if not np.isfinite(late) or late >= GRAD_EXPLOSION_RATIO * early:
+        if late >= GRAD_EXPLOSION_RATIO * early and late >= GRAD_EXPLOSION_FLOOR:
             exploding.append((name, early, late))
-            above = np.flatnonzero(~(series <= GRAD_EXPLOSION_ONSET * early))  # NaN/inf count as above
+            above = np.flatnonzero(series > GRAD_EXPLOSION_ONSET * early)
             onsets[name] = int(above[0]) if len(above) else T
     if not exploding:
         return []
@@ -243,18 +308,3 @@ def analyse_history(modules: list[str], steps: np.ndarray, act_std: np.ndarray, 
     return (check_nonfinite_history(losses, valid_losses) + check_activation_crash(modules, steps, act_std)
             + check_dead_history(modules, steps, act_dead) + check_loss_history(losses, n_classes)
             + check_not_learning(losses, n_classes))
-
-
-def analyse_record(stats, losses: list[float], n_classes: int | None = None,
-                   valid_losses: list[float] = ()) -> list[Finding]:
-    """Every check on a recorded run: the activation, loss and gradient histories and what the training
-    loop did at its updates (`Stats` from the recording engine, or None when nothing was recorded: then
-    only the losses are judged). The one analysis behind `watch`, the Lightning callback and `Diagnose`."""
-    from .loop import analyse_loop
-
-    if stats is None:
-        return analyse_history([], np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0)), losses, n_classes, valid_losses)
-    return (analyse_history(stats.modules, stats.steps, stats.act_std, stats.act_dead, losses, n_classes,
-                            valid_losses)
-            + check_gradient_explosion(stats.param_modules, stats.steps, stats.param_grad_norm)
-            + analyse_loop(stats.observations))

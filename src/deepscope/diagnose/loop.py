@@ -8,11 +8,19 @@ optimiser update): pure functions, so each is tested on plain dictionaries.
   after the optimizer was made, or a param group left out): they never learn.
 - gradients_not_zeroed: gradients from the previous update still there when the next backward pass
   begins, at most updates: nothing clears them, so every step adds all earlier gradients.
+- unshuffled_batches: class targets that arrive unshuffled: batches holding one or two classes each while
+  shuffled batches of their size would hold far more, or a mean label rising (falling) batch after batch.
+  Needs the targets (`w.step(loss, targets=yb)`); float (regression) targets are not judged.
 """
 from __future__ import annotations
 
+import statistics
+
 from .finding import Finding
-from .thresholds import LOOP_MIN_UPDATES, STALE_GRADIENT_SHARE
+from .thresholds import (
+    LOOP_MIN_UPDATES, STALE_GRADIENT_SHARE, UNSHUFFLED_BATCH_CLASSES, UNSHUFFLED_CLASS_RATIO, UNSHUFFLED_EPOCH_BATCHES,
+    UNSHUFFLED_MANY_CLASSES, UNSHUFFLED_MIN_BATCHES, UNSHUFFLED_MIN_CHANGES, UNSHUFFLED_ORDER_SHARE,
+)
 
 
 def check_eval_mode(obs: dict) -> list[Finding]:
@@ -51,8 +59,63 @@ def check_gradients_zeroed(obs: dict) -> list[Finding]:
                     "after each optimizer.step()).", {"gradient_checks": checks, "stale_gradients": stale})]
 
 
+def expected_classes(class_counts: list[int], batch_size: int) -> float:
+    """Distinct classes expected in a random batch of `batch_size` labels drawn with the run's class
+    frequencies: the sum over the classes of 1 - (1 - p)^batch_size."""
+    total = sum(class_counts)
+    return sum(1 - (1 - c / total) ** batch_size for c in class_counts) if total else 0.0
+
+
+def label_order(means: list[float]) -> tuple[str, float, int]:
+    """Which way the batches' mean label moves ("rises" or "falls"), the share of its changes that go that
+    way and how many changes were counted. Reversals of half the whole range or more are epochs starting
+    over, and are not counted, as long as they are rare (one per UNSHUFFLED_EPOCH_BATCHES batches at most)."""
+    diffs = [b - a for a, b in zip(means, means[1:]) if b != a]
+    if not diffs:
+        return "rises", 0.0, 0
+    wrap = (max(means) - min(means)) / 2
+    best = ("rises", 0.0, 0, 0)
+    for name, sign in (("rises", 1), ("falls", -1)):
+        along = sum(d * sign > 0 for d in diffs)
+        small = sum(-wrap < d * sign < 0 for d in diffs)
+        restarts = sum(d * sign <= -wrap for d in diffs)
+        against = small if restarts * UNSHUFFLED_EPOCH_BATCHES <= len(means) - 1 else small + restarts
+        share = along / (along + against) if along else 0.0
+        if (share, along) > best[1::2]:
+            best = (name, share, along + against, along)
+    return best[:3]
+
+
+def check_batch_shuffling(obs: dict) -> list[Finding]:
+    """unshuffled_batches: see the module docstring and thresholds.py (UNSHUFFLED_*)."""
+    n, counts = obs.get("label_batches", 0), [c for c in obs.get("class_counts") or [] if c > 0]
+    if n < UNSHUFFLED_MIN_BATCHES or len(counts) < 2:
+        return []
+    classes, sizes = obs["batch_classes"][:n], obs["batch_sizes"][:n]
+    median, size = statistics.median(classes), int(statistics.median(sizes))
+    expected = statistics.median(expected_classes(counts, s) for s in sizes)
+    direction, share, changes = label_order(obs.get("batch_label_means") or [])
+    ordered = share >= UNSHUFFLED_ORDER_SHARE
+    few = (median <= UNSHUFFLED_BATCH_CLASSES and expected >= UNSHUFFLED_CLASS_RATIO * median
+           and (len(counts) >= UNSHUFFLED_MANY_CLASSES or ordered))
+    if not (few or (ordered and changes >= UNSHUFFLED_MIN_CHANGES)):
+        return []
+    order = f" and the mean label {direction} in {share:.0%} of its {changes} changes" if ordered else ""
+    return [Finding("unshuffled_batches", "", "error",
+                    f"Over {n} training batches the median batch holds {median:g} of the run's {len(counts)} classes "
+                    f"(a shuffled batch of {size} would hold about {expected:.1f}){order}: the data is not shuffled, "
+                    f"so each step fits a few classes and undoes what the steps before it learned.",
+                    "Shuffle the training data: DataLoader(dataset, batch_size=..., shuffle=True), or a sampler that "
+                    "draws random indices.",
+                    {"batches": n, "median_batch_classes": median, "run_classes": len(counts),
+                     "expected_shuffled_classes": round(expected, 2), "median_batch_size": size,
+                     "label_order": direction if ordered else None, "label_order_share": round(share, 3),
+                     "label_changes": changes})]
+
+
 def analyse_loop(obs: dict | None) -> list[Finding]:
     """Every check on the loop's observations (none when nothing was observed)."""
     if not obs:
         return []
-    return check_eval_mode(obs) + check_optimizer_coverage(obs) + check_gradients_zeroed(obs)
+    return (check_eval_mode(obs) + check_optimizer_coverage(obs) + check_gradients_zeroed(obs)
+            + check_batch_shuffling(obs))

@@ -100,7 +100,9 @@ def inspect_setup(model: nn.Module, x, y, loss_func, data=None) -> SetupRecord:
             _describe_output(rec, out)
             rec.out_module = last[0] if last and last[1] is out else ""
             stage = "loss"
-            loss_func(out, y)
+            loss = loss_func(out, y)
+            if isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and isinstance(loss, torch.Tensor):
+                rec.loss_pairs = pairing_of(loss, loss_pairing(out, y))
     except Exception as e:  # noqa: BLE001 - a broken model or loss is what we are here to report
         rec.error = {"where": stage, "type": type(e).__name__, "message": str(e).strip()}
     finally:
@@ -152,3 +154,50 @@ def _describe_output(rec: SetupRecord, out) -> None:
         set_normalisation(rec, output_normalisation(o).tolist())  # one read-back for all of it
     else:
         rec.out_min, rec.out_max = float(o.min()), float(o.max())
+
+
+def broadcast_shape(a: tuple, b: tuple) -> tuple | None:
+    """The shape two tensors of shapes `a` and `b` broadcast to, or None when they do not."""
+    try:
+        return tuple(torch.broadcast_shapes(tuple(a), tuple(b)))
+    except RuntimeError:
+        return None
+
+
+def loss_pairing(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """For float outputs and targets whose shapes broadcast to a bigger one ((N, 1) and (N,) to (N, N)),
+    the mean squared, absolute and Huber (delta 1) errors over the matching pairs (NaN when the two do not
+    hold as many values) and over every broadcast pair, as a (6,) tensor on the device (no read-back); None
+    for any other shapes."""
+    shape = broadcast_shape(out.shape, y.shape)
+    if (shape is None or not out.is_floating_point() or not y.is_floating_point()
+            or math.prod(shape) <= max(out.numel(), y.numel())):
+        return None
+    o, t = out.detach().float(), y.detach().float().to(out.device)
+    nan = torch.full((), math.nan, device=o.device)
+    pairs = o.reshape(t.shape) - t if o.numel() == t.numel() else None
+    values = []
+    for d in (pairs, o - t):
+        a = d.abs() if d is not None else None
+        values += [nan, nan, nan] if d is None else [d.pow(2).mean(), a.mean(),
+                                                     torch.where(a < 1, 0.5 * d.pow(2), a - 0.5).mean()]
+    return torch.stack(values)
+
+
+def pairing_of(loss: torch.Tensor | float | None, values: torch.Tensor | list | None) -> str | None:
+    """"paired" when `loss` equals one of `loss_pairing`'s matching-pair errors, "broadcast" when it equals
+    one of the broadcast ones, None when neither (another loss) or nothing to compare (one read-back)."""
+    if values is None or loss is None:
+        return None
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            return None
+        *values, loss = torch.cat([values.cpu(), loss.detach().float().reshape(1).cpu()]).tolist()
+    elif isinstance(values, torch.Tensor):
+        values = values.tolist()
+    close = lambda v: math.isfinite(v) and abs(v - loss) <= 1e-4 * abs(v) + 1e-7  # noqa: E731
+    if any(close(v) for v in values[:3]):
+        return "paired"
+    if any(close(v) for v in values[3:]):
+        return "broadcast"
+    return None

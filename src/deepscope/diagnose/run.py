@@ -1,4 +1,5 @@
-"""`diagnose()`: pre-flight checks, then a short instrumented training run on a copy of the model."""
+"""`diagnose()`: pre-flight checks, then a short instrumented training run on a copy of the model, analysed
+by the one analysis every entry point shares (`analysis.analyse_run`)."""
 from __future__ import annotations
 
 import copy
@@ -11,16 +12,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..callback import CallbackError
+from ..callback import Callback, CallbackError, CancelFitException
 from ..callbacks.device import to_device
 from ..data.loaders import DataLoaders
 from ..learner import Learner
-from .analyse import analyse_probe
-from .finding import Finding, sort_findings
+from .analysis import Analysis, Record, analyse_run
+from .callback import Diagnose
+from .finding import Finding
 from .preflight import inspect_setup
-from .probe import Probe
-from .records import ProbeRecord
-from .setup_checks import analyse_setup, exception_finding
 from .thresholds import DEFAULT_STEPS
 
 
@@ -43,13 +42,22 @@ def training_batches(data):
 def diagnose(model: nn.Module, data, loss_func: Callable = F.cross_entropy, *, steps: int = DEFAULT_STEPS,
              lr: float = 1e-3, opt_func: Callable = torch.optim.AdamW, save_dir: str | Path | None = None) -> list[Finding]:
     """Find what is wrong with training `model` on `data` with `loss_func`: pre-flight checks, then `steps`
-    training steps (at `lr` with `opt_func`) on a deep copy, with hooks recording what happens inside.
+    training steps (at `lr` with `opt_func`) on a deep copy, with the recording engine on every step, all
+    judged by the same analysis as the `Diagnose` callback and `watch().findings()`.
 
     `data` is any iterable of (x, y) batches or a DataLoaders (its `.train` is used). The model, the data and
     the global RNG are left as they were; an exception raised by the model, loss or data becomes a finding.
-    With `save_dir`, a batch that produces NaN/Inf is saved there as `nonfinite_batch.pt`.
-    Returns the findings, errors first.
+    The first step that makes NaN/Inf stops the run and is replayed to name the module that made it; with
+    `save_dir` its batch is saved there as `nonfinite_batch.pt`. Returns the findings, causes first
+    (`diagnose_run` also says what was checked). Raises ValueError for `steps` <= 0.
     """
+    return diagnose_run(model, data, loss_func, steps=steps, lr=lr, opt_func=opt_func, save_dir=save_dir).findings
+
+
+def diagnose_run(model: nn.Module, data, loss_func: Callable = F.cross_entropy, *, steps: int = DEFAULT_STEPS,
+                 lr: float = 1e-3, opt_func: Callable = torch.optim.AdamW,
+                 save_dir: str | Path | None = None) -> Analysis:
+    """`diagnose()`'s whole analysis: the findings, the checks that ran and those that could not, and why."""
     if steps <= 0:
         raise ValueError(f"steps must be a positive number of training steps, got {steps}")
     device = _model_device(model)
@@ -59,46 +67,73 @@ def diagnose(model: nn.Module, data, loss_func: Callable = F.cross_entropy, *, s
     shuffle_state = generator.get_state() if isinstance(generator, torch.Generator) else None
     try:
         with torch.random.fork_rng(devices=cuda):
-            return sort_findings(_diagnose(model, data, loss_func, steps, lr, opt_func, save_dir))
+            return _diagnose(model, data, loss_func, steps, lr, opt_func, save_dir)
     finally:
         if shuffle_state is not None:
             generator.set_state(shuffle_state)
 
 
-def _diagnose(model, data, loss_func, steps, lr, opt_func, save_dir) -> list[Finding]:
+class _Steps(Callback):
+    """Ends the fit after `steps` training steps and notes what the step was doing, for an exception."""
+    order = 31  # after Diagnose (30)
+
+    def __init__(self, steps: int, device: torch.device):
+        self.steps, self.device, self.where = steps, device, "optimizer"
+
+    def before_fit(self, learn) -> None:
+        self.where = "data"
+
+    def before_batch(self, learn) -> None:
+        if learn.training:
+            learn.batch = to_device(learn.batch, self.device)
+            self.where = "forward"
+
+    def after_pred(self, learn) -> None:
+        self.where = "loss"
+
+    def after_loss(self, learn) -> None:
+        self.where = "backward"
+
+    def after_backward(self, learn) -> None:
+        self.where = "step"
+
+    def after_batch(self, learn) -> None:
+        if learn.training:
+            self.where = "data"
+            if learn.train_iter + 1 >= self.steps:
+                raise CancelFitException()
+
+
+def _diagnose(model, data, loss_func, steps, lr, opt_func, save_dir) -> Analysis:
     batches = training_batches(data)
+    failed = lambda error: analyse_run(Record([], error=error))  # noqa: E731
     try:
         if iter(batches) is batches:  # a one-shot iterator: keep the batches we use so they can be replayed
             batches = list(itertools.islice(batches, steps))
         x, y = next(iter(batches))
     except StopIteration:
-        return [exception_finding({"where": "data", "type": "StopIteration", "message": "the data yields no batches"})]
+        return failed({"where": "data", "type": "StopIteration", "message": "the data yields no batches"})
     except Exception as e:  # noqa: BLE001 - broken data is a finding
-        return [exception_finding(_error("data", e))]
+        return failed(_error("data", e))
     try:
         probe_model = copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001
-        return [exception_finding(_error("copying the model", e))]
+        return failed(_error("copying the model", e))
     device = _model_device(probe_model)
     x, y = to_device((x, y), device)
     setup = inspect_setup(probe_model, x, y, loss_func, batches)
     if setup.error is not None:
-        return analyse_setup(setup)
-    record = run_probe(probe_model, batches, loss_func, steps=steps, lr=lr, opt_func=opt_func, save_dir=save_dir,
-                       device=device)
-    return analyse_setup(setup, record.batch_sizes, record.grad_nonzero) + analyse_probe(record)
-
-
-def run_probe(model: nn.Module, batches, loss_func: Callable, *, steps: int, lr: float, opt_func: Callable,
-              save_dir=None, device: torch.device | None = None) -> ProbeRecord:
-    """Train `model` in place for `steps` steps with a Probe on every step; exceptions are recorded."""
-    probe = Probe(every=1, max_steps=steps, save_dir=save_dir, device=device)
+        return analyse_run(Record([], setup=setup))
+    # every step recorded and censused: a short run has few steps to judge
+    diag, limit = Diagnose(save_dir, stop_on_nonfinite=True, census_every=1), _Steps(steps, device)
     n_batches = len(batches) if hasattr(batches, "__len__") else None
     epochs = math.ceil(steps / n_batches) if n_batches else steps
-    learn = Learner(model, DataLoaders(batches, None), loss_func, lr=lr, opt_func=opt_func, cbs=[probe])
+    learn = Learner(probe_model, DataLoaders(batches, None), loss_func, lr=lr, opt_func=opt_func, cbs=[diag, limit])
+    error = None
     try:
         learn.fit(max(1, epochs), valid=False)
     except Exception as e:  # noqa: BLE001 - a broken model or loss is what we are here to report
-        probe.record.error = _error(probe.where if not isinstance(e, CallbackError) else "diagnosis", e,
-                                    learn.train_iter)
-    return probe.record
+        error = _error(limit.where if not isinstance(e, CallbackError) else "diagnosis", e, learn.train_iter)
+    record = diag.record(learn)
+    record.setup, record.error = setup, error
+    return analyse_run(record)

@@ -78,6 +78,54 @@ def check_targets(rec: SetupRecord) -> list[Finding]:
     return []
 
 
+# Losses that compare each prediction with the target at the same position, and broadcast mismatched shapes
+# (bce and bce_logits raise instead: then the exception finding reports it).
+_ELEMENTWISE = {"mse", "l1", "bce", "bce_logits"}
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple | None:
+    """numpy/torch broadcasting of two shapes, or None when they do not broadcast."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x, y = (a[-i] if i <= len(a) else 1), (b[-i] if i <= len(b) else 1)
+        if x != y and 1 not in (x, y):
+            return None
+        out.append(x if y == 1 else y)
+    return tuple(reversed(out))
+
+
+def check_loss_shapes(rec: SetupRecord) -> list[Finding]:
+    """loss_shape_mismatch: outputs and targets whose shapes broadcast to a bigger one inside an elementwise
+    loss ((N, 1) predictions and (N,) targets make an (N, N) loss; torch only warns). With the loss unknown
+    (a custom loss, or `watch`), only float targets count (class indices (N,) against (N, C) logits are
+    normal), and not when the loss's value shows it paired them itself (`rec.loss_pairs`)."""
+    out, y = rec.out_shape, rec.y_shape
+    if out is None or not rec.y_dtype or out == y:
+        return []
+    shape = _broadcast(out, y)
+    if shape is None or math.prod(shape) <= max(math.prod(out), math.prod(y)):
+        return []
+    known = rec.loss_kind in _ELEMENTWISE
+    if known and rec.error is not None and rec.error.get("where") == "loss":
+        return []  # torch refused the shapes (bce): the exception finding says so
+    float_targets = rec.y_dtype.startswith(("float", "bfloat"))
+    if not known and (rec.loss_kind is not None or not float_targets or rec.loss_pairs == "paired"):
+        return []
+    severity = "error" if known or rec.loss_pairs == "broadcast" else "warning"
+    loss = _LOSS_NAMES[rec.loss_kind] if known else "The loss"
+    pairs = f"{math.prod(shape)} pairs instead of {max(math.prod(out), math.prod(y))}"
+    confirmed = (", and its value is the error over every pair" if rec.loss_pairs == "broadcast" else
+                 "" if known else " if the loss compares them elementwise (its value did not show how it paired them)")
+    return [Finding("loss_shape_mismatch", "", severity,
+                    f"{loss} gets outputs of shape {out} and targets of shape {y}, which broadcast to {shape} "
+                    f"({pairs}){confirmed}: every prediction is compared with every target, so the model learns "
+                    f"the average target instead of each example's own.",
+                    "Make the shapes equal before the loss: pred.squeeze(-1) for (N, 1) predictions, or "
+                    "y.view_as(pred).",
+                    {"loss": loss, "output_shape": list(out), "target_shape": list(y), "broadcast_shape": list(shape),
+                     "target_dtype": rec.y_dtype, "loss_pairs": rec.loss_pairs})]
+
+
 def check_softmax_dim(rec: SetupRecord) -> list[Finding]:
     """softmax_wrong_dim: outputs normalised over the batch (dim 0), each column a distribution, while the
     rows (the classes of one example) are not: softmax(x, dim=0) where dim=1 (or -1) was meant."""
@@ -217,7 +265,8 @@ def check_inputs(rec: SetupRecord) -> list[Finding]:
 def analyse_setup(rec: SetupRecord, seen_sizes: list[int] = (), grad_nonzero: dict[str, bool] | None = None) -> list[Finding]:
     """All set-up checks; `seen_sizes` and `grad_nonzero` come from the short run when there was one."""
     findings = [exception_finding(rec.error)] if rec.error else []
-    findings += check_targets(rec) + check_softmax_dim(rec) + check_loss_input(rec)  # NaN in the data: the probe
+    findings += check_targets(rec) + check_loss_shapes(rec) + check_softmax_dim(rec) + check_loss_input(rec)
+    # (NaN in the data: the probe)
     findings += check_symmetric_init(rec.weights, grad_nonzero)
     findings += check_batchnorm_batch(rec.batchnorms, rec.batch_size, rec.last_batch_size, list(seen_sizes))
     return findings + check_inputs(rec)

@@ -7,20 +7,11 @@ Change one here and the tests in tests/test_diagnose_analyse.py show what it mov
 # A few dozen steps: enough for the loss to move, for a dead unit to stay dead and for a too-high learning
 # rate to diverge, and still about a second on a CPU for a small model.
 DEFAULT_STEPS = 30
-# The Diagnose callback looks inside one training step in this many: hooks on that step cost about one
-# extra pass over the activations, so 1 step in 50 adds well under 2% to a fit.
-DIAGNOSE_EVERY = 50
 
-# --- dead units ----------------------------------------------------------------------------------------
-# An activation this close to zero counts as "off": ReLU emits exact zeros, and 1e-6 absorbs float noise
-# without calling small but alive values off.
-DEAD_ACTIVATION_ABS = 1e-6
-# A unit (channel) on for fewer than 1% of the inputs and positions seen is dead: it passes almost no
-# gradient to the weights that feed it, so it cannot recover by itself.
-DEAD_UNIT_ACTIVE_FRACTION = 0.01
-# 40% of a layer dead is lost capacity worth a warning. Healthy ReLU layers lose fewer: at most 28% (median
-# 12%) in a 3-layer MLP at torch's default init over 12 seeds, under 10% in the default CNN without norm
-# layers, none with BatchNorm.
+# --- dead units (what "off" and "dead" mean is deepscope.dead's, one definition for everything) ----------
+# 40% of a layer's units dead is lost capacity worth a warning. Healthy ReLU layers lose fewer: at most 28%
+# (median 12%) in a 3-layer MLP at torch's default init over 12 seeds, under 10% in the default CNN without
+# norm layers, none with BatchNorm. All of them dead is an error.
 DEAD_LAYER_FRACTION = 0.4
 
 # --- activation scale (lesson 10-11 of the fast.ai course: "the std should stay near 1 through depth") ---
@@ -34,10 +25,7 @@ ACT_COLLAPSE_RATIO = 0.01
 # training itself is blowing up or switching the layer off.
 ACT_DRIFT_RATIO = 100.0
 
-# --- saturation ----------------------------------------------------------------------------------------
-# sigmoid/tanh outputs within 1% of their range's ends: there the local derivative is below ~0.04
-# (sigmoid) or ~0.02 (tanh), so gradients through that unit all but vanish.
-SATURATION_MARGIN = 0.01
+# --- saturation (what counts as saturated is deepscope.dead.SATURATION_MARGIN) ---------------------------
 # Flag when this share of a layer's outputs sits at the limits; with inputs of std 1 a tanh puts under 1%
 # there, so 40% means the pre-activations are far too large.
 SATURATED_FRACTION = 0.4
@@ -107,6 +95,9 @@ CHANCE_TOLERANCE = 0.03
 # had learned something and lost it, which is divergence, not a learning rate too low to start.
 CHANCE_LEARNED_MARGIN = 0.05
 CHANCE_SMOOTH = 5
+# ...judged only on runs of at least this many losses: in a 30-step run on batches of 4, the mean of 5
+# noisy losses of a model that has not learned yet dips 5% below chance by chance alone.
+CHANCE_RETURN_MIN_STEPS = 50
 
 # not_learning: judged only after this many finite training losses. The default CNN's loss is 20 % below
 # chance within ~20 steps at lr 1e-2, and a learning rate 10-30x lower still moves it by then; a model
@@ -128,3 +119,34 @@ STALE_GRADIENT_SHARE = 0.5
 GRAD_EXPLOSION_RATIO = 1e3
 # ...and where it starts: the module whose norm first passed this multiple of its early level.
 GRAD_EXPLOSION_ONSET = 10.0
+# ...and ending at a norm of at least this: an explosion makes gradients that throw the weights around. A
+# collapsed network's gradients of 1e-11 that grow back to 1e-7 as training rescales it are not one.
+GRAD_EXPLOSION_FLOOR = 1e-2
+
+# unshuffled_batches (class targets given to `w.step(targets=)` or the Learner's batches): judged after this
+# many batches. A shuffled batch of 32 from 10 classes holds a median 9-10 of them, and one of 16 from two
+# balanced classes holds both in all but 1 batch in 30,000; 20 batches make a median of 1-2 classes (or a
+# steady rise of the mean label) far too unlikely to come from shuffled data.
+UNSHUFFLED_MIN_BATCHES = 20
+# Batches holding a median of at most this many classes are "one or two classes each" (the brief for the
+# check, and a few-way episode of meta-learning, which holds more, is left alone)...
+UNSHUFFLED_BATCH_CLASSES = 2
+# ...while shuffled batches of the same size would hold at least 1.75x as many (the expected number of
+# distinct classes in a random batch, from the run's class frequencies). For two classes this means a
+# shuffled batch holds just one of them at most a quarter of the time, so a median of 1 is not chance;
+# small batches (2 images from 10 classes hold ~1.9 by nature) and rare classes do not reach it.
+UNSHUFFLED_CLASS_RATIO = 1.75
+# ...and with fewer than this many classes in the run, the labels must also arrive in order (see below):
+# a binary task whose batches come one group at a time (a user, a domain) in random order is left alone.
+UNSHUFFLED_MANY_CLASSES = 4
+# The mean label of consecutive batches moves the same way (up, or down) at least 90% of the times it
+# changes; drops of half the whole range or more are an epoch starting over and are not counted. Shuffled
+# batches move up or down about equally often: 90% of 19 or more changes has a chance under 1e-4.
+UNSHUFFLED_ORDER_SHARE = 0.9
+# Sorted order alone (batches that hold several classes each, e.g. 100 classes in batches of 32) needs
+# this many changes of the mean label to be judged.
+UNSHUFFLED_MIN_CHANGES = 19
+# A reversal of the mean label by half its whole range or more is an epoch of sorted data starting over
+# when it happens at most once per 8 batches (an epoch of 8 batches or more); more often (batches of one
+# class in random order) reversals are counted against the order.
+UNSHUFFLED_EPOCH_BATCHES = 8

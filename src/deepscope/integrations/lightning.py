@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..adapter import LossLog, findings_of, write_report
+from ..adapter import LossLog, analysis_of, write_report
 from ..diagnose.finding import Finding
 from ..errors import ConfigError
 from ..stats.engine import SAMPLE_SIZE, ModuleSpec, StatsRecorder, check_options
@@ -162,8 +162,12 @@ class _Recording:
         return save_stats(self.stats(), path)
 
     def findings(self) -> list[Finding]:
-        """Diagnosis of everything recorded: `Finding`s, errors first (deepscope.diagnose)."""
-        return findings_of(self.stats(), self.losses, self.n_classes)
+        """Diagnosis of everything recorded: `Finding`s, causes first (deepscope.diagnose)."""
+        return self.analysis().findings
+
+    def analysis(self):
+        """The whole diagnosis (deepscope.diagnose.Analysis): the findings and what was checked."""
+        return analysis_of(self.stats(), self.losses, self.n_classes)
 
     def report(self, path: str | Path = "report.html", *, config: dict | None = None) -> Path:
         """Write a self-contained report of the fit and return the file: to `path` itself when it ends in

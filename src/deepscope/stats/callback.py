@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..callback import Callback
-from .engine import DEAD_THRESHOLD, SAMPLE_SIZE, ModuleSpec, StatsRecorder, check_options
+from .engine import CENSUS_EVERY, DEAD_THRESHOLD, SAMPLE_SIZE, ModuleSpec, StatsRecorder, check_options
 from .format import Stats
 
 __all__ = ["ActivationStats", "DEAD_THRESHOLD", "SAMPLE_SIZE"]
@@ -32,10 +32,11 @@ class ActivationStats(Callback):
 
     def __init__(self, modules: ModuleSpec = None, *, every: int = 1, train: bool = True, valid: bool = False,
                  dead_threshold: float = DEAD_THRESHOLD, hist_bins: int = 40, hist_range: tuple = (0.0, 10.0),
-                 subsample: int | None = SAMPLE_SIZE, recent: int = 1024, max_rows: int = 4096, flush_every: int = 64):
+                 subsample: int | None = SAMPLE_SIZE, recent: int = 1024, max_rows: int = 4096, flush_every: int = 64,
+                 census_every: int = CENSUS_EVERY):
         self.options = dict(modules=modules, every=every, dead_threshold=dead_threshold, hist_bins=hist_bins,
                             hist_range=hist_range, subsample=subsample, recent=recent, max_rows=max_rows,
-                            flush_every=flush_every)
+                            flush_every=flush_every, census_every=census_every)
         check_options("ActivationStats", **self.options)  # now, not when the fit starts
         self.every, self.train, self.valid = every, train, valid
         self.dead_threshold, self.subsample = float(dead_threshold), subsample
@@ -74,6 +75,7 @@ class ActivationStats(Callback):
 
     def after_backward(self, learn) -> None:
         self.recorder.before_update(skip=learn.skip_step, optimizer=learn.opt)
+        self.recorder.observe_targets(learn.yb)
 
     def after_step(self, learn) -> None:
         if not learn.skip_step:

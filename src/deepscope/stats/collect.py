@@ -79,14 +79,21 @@ def abs_histogram(a: torch.Tensor, hist_range: tuple[float, float], bins: int) -
     return torch.bincount(index, minlength=LANES * (bins + 1)).view(LANES, bins + 1).sum(0)  # (bins + 1,)
 
 
-def activation_stats(x: torch.Tensor, dead_threshold: float, hist_range: tuple[float, float],
+def activation_stats(x: torch.Tensor, rule, hist_range: tuple[float, float],
                      out: torch.Tensor, hist_out: torch.Tensor) -> None:
-    """Write TENSOR_COLUMNS of the 1-D `x` into `out` (6,) (dead: count of |x| <= dead_threshold), and the
-    non-finite count and histogram of |x| over `hist_range` (see abs_histogram) into `hist_out` (B+1,)."""
+    """Write TENSOR_COLUMNS of the 1-D `x` into `out` (6,) (dead: count of the values off by `rule`, a
+    dead.OffRule), and the non-finite count and histogram of |x| over `hist_range` (see abs_histogram)
+    into `hist_out` (B+1,)."""
     x = x.float()                                    # (N,) half-precision outputs are reduced in float32
     lo, hi = torch.aminmax(x)
     a = x.abs()                                      # (N,) a new tensor, free to overwrite
-    dead = torch.le(a, dead_threshold, out=torch.empty_like(a)).sum()  # a float sum of 0/1 (see above)
+    if not rule.absolute:
+        v = x
+    elif rule.center == 0.0 and rule.sign == 1.0:
+        v = a
+    else:
+        v = (x - rule.center).abs_().mul_(rule.sign)
+    dead = torch.le(v, rule.bound, out=torch.empty_like(a)).sum()  # a float sum of 0/1 (see above)
     hist_out.copy_(abs_histogram(a, hist_range, hist_out.numel() - 1))
     torch.stack([x.sum(), torch.linalg.vector_norm(x), lo, hi, dead, hist_out[0]], out=out)
 

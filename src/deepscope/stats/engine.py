@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import dead
 from ..errors import ConfigError
 from ..hooks import Hooks, floating_tensors, select_modules
 from .collect import activation_stats, gather_values, gradient_stats
@@ -46,10 +47,15 @@ from .rows import ACT_FIELDS, GRAD_FIELDS, PARAM_FIELDS, DeviceRows
 from .sample import SampleBlock
 from .store import HistoryStore
 
-# |a| <= DEAD_THRESHOLD counts as dead. Exactly 0 would only catch ReLU's zeros and miss units of leaky or
-# shifted activations (GeneralRelu, leaky ReLU with a small slope) that are stuck just as surely near 0;
-# 1e-3 is far below the typical activation scale (~1 after good init) yet above float rounding noise.
-DEAD_THRESHOLD = 1e-3
+# How close to its floor (or to 0, for a module without one) a value counts as off: see deepscope.dead,
+# the one definition of off and dead that the statistics, diagnosis, plots and ablation share.
+DEAD_THRESHOLD = dead.DEAD_TOLERANCE
+# Per-unit census of floor activations (ReLU, GeneralRelu): one recorded training step in CENSUS_EVERY
+# measures the share of each unit's values that are on; CENSUS_WINDOW censuses make one verdict. A unit
+# that is off for good stays off, so a census every 10 steps misses nothing, at ~1/10 of a pass over those
+# outputs per step.
+CENSUS_EVERY = 10
+CENSUS_WINDOW = 5
 
 # Values per module and step that the statistics are computed from by default (see `sample`): enough for
 # a dead fraction within ~0.8 points and a histogram with ~100 values per bin, cheap enough to record
@@ -116,10 +122,13 @@ def _dtype_of(output) -> str:
 class StatsRecorder:
     """Per-module statistics of one model's activations, output gradients and parameters.
 
-    Per recorded step: activation mean, std, min, max, dead fraction (|a| <= `dead_threshold`),
+    Per recorded step: activation mean, std, min, max, off fraction (by the module's rule, deepscope.dead,
+    with `dead_threshold` as its tolerance),
     non-finite count and a histogram of |a| (`hist_bins` bins over `hist_range`); mean, std, L2 norm and
     non-finite count of each output's gradient; all of these from `subsample` values of each tensor (the
     whole tensor when it is no larger; `None`: always the whole tensor, about 1.6x the step on a CPU).
+    Floor activations (ReLU, GeneralRelu) also get a per-unit census in one recorded step in
+    `census_every` (see `census`).
     For every module owning parameters: weight norm, gradient norm and update-to-weight ratio. The
     history keeps the last `recent` rows exactly and merges older ones, at most `max_rows` in all.
     Validation steps (`start_step(..., split="valid")`) record activations only, in their own history.
@@ -130,13 +139,21 @@ class StatsRecorder:
     def __init__(self, model: nn.Module, modules: ModuleSpec = None, *, every: int = 1,
                  dead_threshold: float = DEAD_THRESHOLD, hist_bins: int = 40, hist_range: tuple = (0.0, 10.0),
                  subsample: int | None = SAMPLE_SIZE, recent: int = 1024, max_rows: int = 4096,
-                 flush_every: int = 64, who: str = "StatsRecorder"):
+                 flush_every: int = 64, census_every: int = CENSUS_EVERY, who: str = "StatsRecorder"):
         check_options(who, every=every, hist_bins=hist_bins, hist_range=hist_range, subsample=subsample,
                       recent=recent, max_rows=max_rows, flush_every=flush_every)
         self.model, self.modules_spec, self.every, self.who = model, modules, every, who
         self.dead_threshold, self.hist_bins = float(dead_threshold), hist_bins
         self.hist_range = (float(hist_range[0]), float(hist_range[1]))
         self.subsample, self.recent, self.max_rows, self.flush_every = subsample, recent, max_rows, flush_every
+        if not isinstance(census_every, int) or census_every < 1:
+            raise ConfigError(f"{who}: census_every must be a positive integer, got {census_every!r}")
+        self.census_every = census_every
+        self.rules: list[dead.OffRule] = []
+        self._units: dict[int, dict] = {}   # census of floor activations, by module index (see census)
+        self._output_module: str | None = None
+        self._input_std: torch.Tensor | None = None  # 0-d, the model's first recorded input
+        self._order: list[int] = []       # watched modules in the order of their first call (first train step)
         self.modules: list[str] = []
         self._hooks: list[Hooks] = []
         self._rows: dict[str, DeviceRows] = {}
@@ -166,6 +183,9 @@ class StatsRecorder:
         chosen = choose_modules(self.model, self.modules_spec, self.who)
         self.modules = [name for name, _ in chosen]
         self._index = {id(module): i for i, (_, module) in enumerate(chosen)}
+        self.rules = [dead.off_rule(module, self.dead_threshold) for _, module in chosen]
+        self._units, self._census_now, self._train_steps, self._last_axis = {}, False, 0, None
+        self._output_module, self._input_std, self._order = None, None, []
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         M = len(self.modules)
@@ -182,13 +202,14 @@ class StatsRecorder:
         self._sample = None
         if self.subsample:
             self._sample = SampleBlock(2 * M, M, self.subsample, device, steps=self._block_steps,
-                                       dead_threshold=self.dead_threshold, hist_range=self.hist_range,
+                                       rules=self.rules, hist_range=self.hist_range,
                                        bins=self.hist_bins)
         self._rows, self._stores = {}, {}
         # 1 / loss scale of each train row's step (see scale_gradients); applied to the gradient rows at flush
         self._grad_unscale, self._scaled_rows = torch.ones(self.flush_every, device=device), False
         for split, fields in (("train", ACT_FIELDS + GRAD_FIELDS + PARAM_FIELDS), ("valid", ACT_FIELDS)):
-            self._rows[split] = DeviceRows(self.flush_every, M, self.hist_bins, P, device, sample_size=self.subsample)
+            self._rows[split] = DeviceRows(self.flush_every, M, self.hist_bins, P, device, sample_size=self.subsample,
+                                           zero_off=[r.zero_is_off for r in self.rules])
             self._stores[split] = HistoryStore({k: MERGE[k] for k in fields}, std_of=STD_OF,
                                                recent=self.recent, max_rows=self.max_rows)
         # Registered last: if anything above failed, no hook is left behind. The gradient of each output
@@ -220,6 +241,11 @@ class StatsRecorder:
                 prefix = f"{name}." if name else ""
                 if not any((m := maker(t)) is not None and m.startswith(prefix) for t in tensors):
                     self._invisible.append(name)
+            if module is self.model:
+                self._output_module = next((m for t in tensors if (m := maker(t)) is not None), "")
+                x = floating_tensors(inputs)
+                if x and x[0].numel() > 1:
+                    self._input_std = x[0].detach().float().std()  # kept on the device until read
             for t in tensors:
                 if maker(t) is None:
                     self._produced[id(t)] = (weakref.ref(t), name)
@@ -279,6 +305,12 @@ class StatsRecorder:
             self._row = None
             return False
         self._row = self._rows[split].start_row(step)
+        self._last_axis = None
+        if split == "train":
+            self._census_now = self._train_steps % self.census_every == 0
+            self._train_steps += 1
+        else:
+            self._census_now = False
         if self._invisible is None and split == "train":
             self._discover()
         if not self._pending:
@@ -293,6 +325,8 @@ class StatsRecorder:
             self.before_forward(module)
         if self._row is None:
             return
+        if self._split == "train" and not torch.is_grad_enabled():
+            return  # a look without autograd inside a training step (a pre-flight check) is not the step
         i = self._index[id(module)]
         if i in self._seen:   # a later call of the module in this step: the first call is the recorded one
             return
@@ -303,13 +337,22 @@ class StatsRecorder:
                 self._no_float[i] = _dtype_of(output)
             return
         self._seen.add(i)
+        if self._train_steps == 1 and self._split == "train":
+            self._order.append(i)
         rows, r = self._rows[self._split], self._row
         if self._sample is not None:   # summarised with the other modules and steps of its block
             rows.numel[r, i], _ = self._sample.put(i, tensors)
         else:
             x = gather_values(tensors)
             rows.numel[r, i] = x.numel()
-            activation_stats(x, self.dead_threshold, self.hist_range, rows.tensors[r, i], rows.hist[r, i])
+            activation_stats(x, self.rules[i], self.hist_range, rows.tensors[r, i], rows.hist[r, i])
+        if self._split == "train" and len(tensors) == 1 and tensors[0].dim() >= 2:
+            out = tensors[0]
+            last = self._last_axis
+            axis = dead.unit_axis(module, out, last[0] if last is not None and last[1] == out.dim() else None)
+            self._last_axis = (axis, out.dim())  # what an activation after this layer inherits
+            if self._census_now and self.rules[i].can_die:
+                self._count_units(i, out, axis)
         if self._split == "train":
             j = len(self.modules) + i
             parts = [t for t in tensors if t.grad_fn is not None or t.requires_grad]
@@ -321,6 +364,52 @@ class StatsRecorder:
                     t.grad_fn.register_prehook(lambda grads, j=j, k=t.output_nr: self._on_gradient(j, grads[k]))
                 else:
                     t.register_hook(lambda grad, j=j: self._on_gradient(j, grad))
+
+    def _count_units(self, i: int, out: torch.Tensor, axis: int) -> None:
+        """Add this step's on-share of each unit of module i to its census (on the device)."""
+        share = dead.on_share_per_unit(out, self.rules[i], axis)   # (C,)
+        u = self._units.get(i)
+        if u is None or u["on"].numel() != share.numel():         # first census, or the unit count changed
+            u = self._units[i] = {"on": torch.zeros_like(share), "n": 0, "start": self._rows["train"].steps[self._row],
+                                  "first": None, "last": None, "windows": 0}
+        u["on"] += share
+        u["n"] += 1
+        u["end"] = self._rows["train"].steps[self._row]
+        if u["n"] == CENSUS_WINDOW:
+            verdict = ((u["on"] / u["n"]) < dead.DEAD_UNIT_ON_FRACTION).float().mean()   # 0-d, on the device
+            span = (int(u["start"]), int(self._rows["train"].steps[self._row]))
+            u["last"] = (verdict, span)
+            u["first"] = u["first"] or u["last"]
+            u["windows"] += 1
+            u["on"] = torch.zeros_like(share)
+            u["n"], u["start"] = 0, self._rows["train"].steps[self._row] + 1
+
+    def structure(self) -> dict:
+        """What one look at the model found, for `Stats.structure`: {"output_module": the watched-or-not
+        module whose output the model returned (None: not known, "": the model's own code), "input_std":
+        the std of the model's first recorded input (None: not known), "order": watched modules in the
+        order of their first call in the first recorded training step, "census": {"every": census_every,
+        "window": CENSUS_WINDOW, "modules": {name: {"units", "dead" (the share of units on for fewer than
+        dead.DEAD_UNIT_ON_FRACTION of their values over the last window of censuses), "first_dead" (the
+        first window's), "steps" [first, last] of the last window, "censuses", "rule"}}}} for the floor
+        activations measured. A window not yet complete counts when it is the only one. One read-back."""
+        modules = {}
+        for i, u in self._units.items():
+            last = u["last"]
+            if last is None and u["n"]:
+                partial = ((u["on"] / u["n"]) < dead.DEAD_UNIT_ON_FRACTION).float().mean()
+                last = (partial, (int(u["start"]), int(u["end"])))
+            if last is None:
+                continue
+            first = u["first"] or last
+            modules[self.modules[i]] = {"units": int(u["on"].numel()), "dead": float(last[0]),
+                                        "first_dead": float(first[0]), "steps": list(last[1]),
+                                        "censuses": u["windows"] * CENSUS_WINDOW + u["n"], "rule": self.rules[i].text}
+        input_std = float(self._input_std) if self._input_std is not None else None
+        return {"output_module": self._output_module,
+                "input_std": input_std if input_std is not None and np.isfinite(input_std) else None,
+                "order": [self.modules[i] for i in self._order],
+                "census": {"every": self.census_every, "window": CENSUS_WINDOW, "modules": modules}}
 
     def _on_gradient(self, j: int, grad: torch.Tensor | None) -> None:
         """Row j of the watched tensors: the gradient of (a part of) module j - M's output. The parts of
@@ -366,6 +455,11 @@ class StatsRecorder:
         if self._row is not None and self._split == "train":
             self._grad_unscale[self._row].copy_(scale.reciprocal())
             self._scaled_rows = True
+
+    def observe_targets(self, targets) -> None:
+        """The targets of this training batch, for the loop's checks (stats/loop.py); no synchronisation."""
+        if self._loop is not None and self._split == "train":
+            self._loop.observe_targets(targets)
 
     def before_update(self, skip: bool = False, optimizer: torch.optim.Optimizer | None = None) -> None:
         """The gradients are final and the weights are those this step ran with. `skip`: the optimiser
@@ -449,7 +543,8 @@ class StatsRecorder:
         edges = np.linspace(*self.hist_range, self.hist_bins + 1)
         return Stats(modules=list(self.modules), param_modules=list(self._tracker.names), hist_edges=edges,
                      dead_threshold=self.dead_threshold, valid=valid_arrays, module_notes=self.module_notes(),
-                     invisible=self.invisible_outputs(),
+                     invisible=self.invisible_outputs(), dead_rules=[f"{r.kind}: {r.text}" for r in self.rules],
+                     structure=self.structure(),
                      observations=self._loop.observations() if self._loop is not None else None, **train)
 
     def module_notes(self) -> list[str]:

@@ -14,7 +14,9 @@ from ..errors import DataError
 FORMAT_VERSION = 1
 FILE_NAME = "stats.npz"
 # Fields holding lists of names, stored as unicode arrays.
-_NAME_FIELDS = ("modules", "param_modules", "module_notes", "invisible")
+_NAME_FIELDS = ("modules", "param_modules", "module_notes", "invisible", "dead_rules")
+# Fields holding JSON objects, stored as one string each.
+_JSON_FIELDS = ("observations", "structure")
 _VALID_PREFIX = "valid_"
 
 
@@ -28,7 +30,7 @@ class Stats:
     act_std: np.ndarray            # (T, M)
     act_min: np.ndarray            # (T, M)
     act_max: np.ndarray            # (T, M)
-    act_dead: np.ndarray           # (T, M) fraction with |a| <= dead_threshold
+    act_dead: np.ndarray           # (T, M) fraction of values off by the module's rule (dead.py, `dead_rules`)
     act_nonfinite: np.ndarray      # (T, M) count of NaN/inf values
     act_hist: np.ndarray           # (T, M, B) counts of |a| per bin, beyond the range clamped into the last
     hist_edges: np.ndarray         # (B+1,)
@@ -47,6 +49,10 @@ class Stats:
     invisible: list[str] | None = None     # containers whose output functional code makes, unwatched
     #                                         (StatsRecorder.invisible_outputs; "" is the model itself)
     observations: dict | None = None       # what the training loop did at its updates (stats/loop.py)
+    dead_rules: list[str] | None = None    # (M,) when a module's value counts as off, in words (dead.OffRule)
+    structure: dict | None = None          # the model's input std, output module, call order and the per-unit
+    #                                         census of floor activations (StatsRecorder.structure); None in
+    #                                         files of older versions
 
     def notes(self) -> dict[str, str]:
         """{module: note} for the modules that have one."""
@@ -85,7 +91,7 @@ def save_stats(stats: Stats, path: str | Path) -> Path:
             continue  # an optional field that was not recorded
         if f.name == "valid":
             arrays.update({k: np.asarray(v) for k, v in value.items()})
-        elif f.name == "observations":
+        elif f.name in _JSON_FIELDS:
             arrays[f.name] = np.array(json.dumps(value))
         elif f.name in _NAME_FIELDS:
             arrays[f.name] = np.array(value, dtype=np.str_)
@@ -125,13 +131,17 @@ def load_stats(path: str | Path) -> Stats:
         values["dead_threshold"] = float(values["dead_threshold"])
     except (TypeError, ValueError):
         raise DataError(f"{file}: dead_threshold is not a number; the file is damaged") from None
-    if "observations" in arrays:
+    for key in _JSON_FIELDS:
+        if key not in arrays:
+            continue
         try:
-            values["observations"] = json.loads(str(arrays["observations"]))
+            values[key] = json.loads(str(arrays[key]))
         except ValueError:
-            raise DataError(f"{file}: observations are not valid JSON; the file is damaged") from None
-        if not isinstance(values["observations"], dict):
-            raise DataError(f"{file}: observations should be a JSON object; the file is damaged")
+            raise DataError(f"{file}: {key} is not valid JSON; the file is damaged") from None
+        if not isinstance(values[key], dict):
+            raise DataError(f"{file}: {key} should be a JSON object; the file is damaged")
+    if "dead_rules" in arrays:
+        values["dead_rules"] = [str(n) for n in arrays["dead_rules"]]
     if "invisible" in arrays:
         values["invisible"] = [str(n) for n in arrays["invisible"]]
     if "module_notes" in arrays:
@@ -165,3 +175,5 @@ def check_shapes(stats: Stats, file: str | Path = "statistics") -> None:
             raise DataError(f"{file}: {f.name} holds {value.dtype} values, not numbers; the file is damaged")
     if stats.module_notes is not None and len(stats.module_notes) != M:
         raise DataError(f"{file}: {len(stats.module_notes)} module notes for {M} modules; the file is damaged")
+    if stats.dead_rules is not None and len(stats.dead_rules) != M:
+        raise DataError(f"{file}: {len(stats.dead_rules)} dead rules for {M} modules; the file is damaged")

@@ -8,6 +8,9 @@ Observed, with no host synchronisation inside a step:
 - gradients left over from the previous update when the first backward pass after it begins (one small
   parameter is watched by a tensor hook; a leftover means nothing cleared them: zero_grad was not called).
   Several backward passes between two updates (gradient accumulation) are fine: only the first is checked.
+- the class targets of each training batch (`observe_targets`, from `w.step(targets=)` or the Learner's
+  batch): per batch, how many distinct classes it holds, its mean label and its size, and the run's class
+  counts, kept in preallocated device tensors for the first `LABEL_BATCHES` batches (unshuffled data).
 """
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ from torch import nn
 # Modules whose eval mode changes what training computes (running statistics instead of the batch's;
 # no dropout): an update taken with one of them in eval mode trains a different model than intended.
 MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+# Class targets: the first 512 batches are observed (shuffling shows in the first dozens); labels are
+# counted modulo 1024 slots, so more classes than that share slots (counts stay consistent run-wide).
+LABEL_BATCHES = 512
+LABEL_SLOTS = 1024
 
 
 class LoopObserver:
@@ -33,6 +40,11 @@ class LoopObserver:
         self._first_backward = False              # the next backward pass is the first since an update
         self._stale = None                        # device count of first backward passes that found old gradients
         self._checked = 0                         # first backward passes seen
+        self.targets_seen = 0                     # batches whose targets were given
+        self.other_targets = 0                    # ...that were not one class index per example
+        self._labels = 0                          # batches of class indices observed
+        self._label_rows = None                   # (LABEL_BATCHES, 3) device: classes, mean label, size
+        self._class_counts = None                 # (LABEL_SLOTS,) device: labels seen per class slot
 
     def attach(self) -> None:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -71,13 +83,61 @@ class LoopObserver:
             self.not_in_optimizer = sorted({name for name, m in self.model.named_modules()
                                             for p in m.parameters(recurse=False)
                                             if p.requires_grad and p.grad is not None and id(p) not in given})
+            if self._watched is not None and id(self._watched) not in given:
+                # zero_grad clears only the optimiser's parameters: watch one of those for leftovers
+                held = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+                self.remove()
+                self._watched = min(held, key=lambda p: p.numel()) if held else None
+                if self._watched is not None:
+                    self._handle = self._watched.register_hook(self._on_gradient)
 
     def after_update(self) -> None:
         self._first_backward = True
 
+    def observe_targets(self, targets) -> None:
+        """A training batch's targets. Class indices (any integer dtype, shape (N,) or (N, 1)) are counted
+        on their device, with no synchronisation; float, boolean or dense (N, T, ...) targets only counted."""
+        if not isinstance(targets, torch.Tensor):
+            return
+        self.targets_seen += 1
+        t = targets.detach()
+        if t.dim() == 2 and t.shape[1] == 1:
+            t = t[:, 0]
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.dim() != 1 or not t.numel():
+            self.other_targets += 1
+            return
+        if self._labels >= LABEL_BATCHES:
+            return
+        if self._label_rows is None:
+            self._label_rows = torch.zeros(LABEL_BATCHES, 3, device=t.device)
+            self._class_counts = torch.zeros(LABEL_SLOTS, device=t.device)
+        t = t.to(self._class_counts.device).long()
+        valid = (t >= 0).float()  # negative labels (ignore_index) are not classes
+        counts = torch.zeros(LABEL_SLOTS, device=t.device).index_add_(0, t.clamp(min=0) % LABEL_SLOTS, valid)
+        size = valid.sum()
+        self._label_rows[self._labels] = torch.stack([(counts > 0).sum().float(),
+                                                      (t * valid).sum() / size.clamp(min=1), size])
+        self._class_counts += counts
+        self._labels += 1
+
     def observations(self) -> dict:
-        """The counts so far (one read-back for the leftover-gradient count)."""
+        """The counts so far (one read-back for the leftover-gradient count, one for the class targets)."""
         return {"updates": self.updates, "eval_updates": self.eval_updates, "eval_modules": list(self.eval_modules),
                 "not_in_optimizer": self.not_in_optimizer,
                 "gradient_checks": self._checked,
-                "stale_gradients": int(self._stale.item()) if self._stale is not None else 0}
+                "stale_gradients": int(self._stale.item()) if self._stale is not None else 0,
+                **self._label_observations()}
+
+    def _label_observations(self) -> dict:
+        """targets_seen (0: no targets were given, nothing to judge), other_targets, label_batches and, per
+        observed batch of class indices, its classes, mean label and size; class_counts: the run's, per class."""
+        out = {"targets_seen": self.targets_seen, "other_targets": self.other_targets, "label_batches": self._labels}
+        if self._labels:
+            n = self._labels
+            values = torch.cat([self._label_rows[:n].flatten(), self._class_counts]).cpu()
+            rows, counts = values[:3 * n].view(n, 3), values[3 * n:]
+            out.update(batch_classes=[int(v) for v in rows[:, 0].tolist()],
+                       batch_label_means=[round(v, 5) for v in rows[:, 1].tolist()],
+                       batch_sizes=[int(v) for v in rows[:, 2].tolist()],
+                       class_counts=sorted((int(c) for c in counts.tolist() if c > 0), reverse=True))
+        return out

@@ -41,9 +41,11 @@ class DeviceRows:
     """
 
     def __init__(self, capacity: int, n_modules: int, n_bins: int, n_params: int, device: torch.device, *,
-                 sample_size: int | None = None):
+                 sample_size: int | None = None, zero_off=None):
         M, B, P = n_modules, n_bins, n_params
         self.n_modules, self.sample_size = M, sample_size
+        # per module, whether a padding zero counts as off by its rule (dead.OffRule.zero_is_off)
+        self.zero_off = np.ones(M) if zero_off is None else np.asarray(zero_off, dtype=np.float64)
         sizes = [2 * M * len(TENSOR_COLUMNS), M * (B + 1), P * len(PARAM_COLUMNS)]
         self.buffer = torch.full((capacity, sum(sizes)), float("nan"), device=device)  # (R, W)
         self._ends = np.cumsum([0, *sizes])
@@ -86,12 +88,12 @@ class DeviceRows:
         mean, std = moments(tensors[..., _SUM], tensors[..., _NORM], count)
         hist[..., 1] -= padding[:, :M]               # a slot's zeros beyond the values: first bin, dead
         hist = np.where((count[:, :M] == 0)[..., None], np.nan, hist)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dead = (tensors[..., _DEAD] - padding) / count
         act, grad = slice(0, M), slice(M, 2 * M)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dead = (tensors[:, act, _DEAD] - padding[:, act] * self.zero_off) / count[:, act]
         fields = {
             "act_mean": mean[:, act], "act_std": std[:, act], "act_min": tensors[:, act, _MIN],
-            "act_max": tensors[:, act, _MAX], "act_dead": dead[:, act],
+            "act_max": tensors[:, act, _MAX], "act_dead": dead,
             "act_nonfinite": tensors[:, act, _NONFINITE], "act_hist": hist[..., 1:],
             "grad_mean": mean[:, grad], "grad_std": std[:, grad],
             "grad_norm": tensors[:, grad, _NORM] * self.norm_scale[:n, grad],

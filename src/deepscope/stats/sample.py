@@ -56,7 +56,7 @@ def memory_order(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 class SampleBlock:
     """Samples of N watched tensors over up to `steps` recorded steps, summarised all together.
 
-    The first H tensors are activations (histogram, dead count, extremes); the others gradients (sum,
+    The first H tensors are activations (histogram, off count by `rules`, extremes); the others gradients (sum,
     norm and non-finite count only). `values` (N, K, S): values[i, k] holds S values of tensor i at
     the k-th pending step. Per step, `open()` it and `put()` each tensor; `summarise()` the pending steps
     when `full`, or whenever their rows are needed: K steps cost the same few launches as one.
@@ -66,10 +66,14 @@ class SampleBlock:
     """
 
     def __init__(self, n_tensors: int, n_activations: int, size: int, device: torch.device, *,
-                 dead_threshold: float, hist_range: tuple[float, float], bins: int, steps: int = 8, seed: int = 0):
+                 rules: list, hist_range: tuple[float, float], bins: int, steps: int = 8, seed: int = 0):
         N, H, K, S = n_tensors, n_activations, steps, size
         self.size, self.steps, self.pending, self.n_activations = size, steps, 0, n_activations
-        self.dead_threshold, self.hist_range, self.bins = dead_threshold, hist_range, bins
+        self.hist_range, self.bins = hist_range, bins
+        # each activation's off rule (dead.OffRule, one per activation) as (H, 1, 1) tensors
+        column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device).view(H, 1, 1)
+        self._center, self._sign = column([r.center for r in rules]), column([r.sign for r in rules])
+        self._bound, self._absolute = column([r.bound for r in rules]), column([r.absolute for r in rules], torch.bool)
         self.values = torch.zeros(N, K, S, device=device)
         # views made once, so a hook costs two launches (as_strided, copy_)
         self._slots = [[self.values[i, k] for i in range(N)] for k in range(K)]
@@ -144,8 +148,11 @@ class SampleBlock:
         x = self.values[:, :K]                       # (N, K', S)
         acts = x[:H]                                 # (H, K', S)
         a, dead = self._abs[:, :K], self._dead[:, :K]
+        # off values by each module's rule (dead.py): v = sign * |x - center|, or x itself; off when v <= bound
+        torch.sub(acts, self._center, out=a).abs_().mul_(self._sign)
+        torch.where(self._absolute, a, acts, out=a)
+        torch.le(a, self._bound, out=dead)
         torch.abs(acts, out=a)
-        torch.le(a, self.dead_threshold, out=dead)
         grads, diff = x[H:], self._diff[:, :K]       # x - x: 0, or NaN exactly where x is NaN or inf
         torch.nan_to_num_(torch.sub(grads, grads, out=diff), nan=1.0)
         dead_count = dead.view(torch.uint8).sum(-1, dtype=torch.int32).float()
