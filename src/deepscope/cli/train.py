@@ -93,13 +93,15 @@ def run(args: argparse.Namespace) -> int:
               f"or run `deepscope doctor` with the same options; {where}")
     else:
         print(f"done in {result.seconds:.1f} s: {_accuracy(result)}{where}")
-    errors = [f for f in result.findings if f.severity == "error"]
-    if errors:
-        print(f"diagnosis found {len(errors)} error(s) in this run (details in findings.json and the report):")
-        for f in errors:  # causes first, each followed by what it explains (diagnose.finding.CAUSES)
+    found = [f for f in result.findings if f.severity in ("error", "warning")]
+    if found:
+        errors = sum(f.severity == "error" for f in found)
+        print(f"diagnosis found {errors} error(s) and {len(found) - errors} warning(s) in this run (details in "
+              f"findings.json and the report):")
+        for f in found:  # causes first, each followed by what it explains (diagnose.finding.CAUSES)
             pad = "      " if f.caused_by else "  "
             because = f" (caused by {f.caused_by})" if f.caused_by else ""
-            print(f"{pad}{f.kind}{f' in {f.module!r}' if f.module else ''}{because}: {f.message}")
+            print(f"{pad}{f.severity} {f.kind}{f' in {f.module!r}' if f.module else ''}{because}: {f.message}")
     if result.checked:
         print(f"diagnosis: {result.checked}")
     if result.failed_steps:

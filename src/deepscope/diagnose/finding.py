@@ -99,6 +99,8 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "softmax_wrong_dim": ("not_learning", "lr_too_high"),
     # raw-scale inputs: the first layers' outputs are far from the input's scale, and steps overshoot
     "input_not_normalized": ("activation_collapse", "activation_explosion", "saturation", "lr_too_high"),
+    # steps too small to move the weights: the loss stays where it started
+    "lr_too_low": ("not_learning",),
     "lr_too_high": _DIVERGENCE_SYMPTOMS,
     "gradient_explosion": ("diverged", "nonfinite_forward", "nonfinite_backward", "nonfinite_loss", "dead_units",
                            "activation_collapse", "activation_explosion", "saturation"),

@@ -124,8 +124,7 @@ def _diagnose(model, data, loss_func, steps, lr, opt_func, save_dir) -> Analysis
     setup = inspect_setup(probe_model, x, y, loss_func, batches)
     if setup.error is not None:
         return analyse_run(Record([], setup=setup))
-    # every step recorded and censused: a short run has few steps to judge
-    diag, limit = Diagnose(save_dir, stop_on_nonfinite=True, census_every=1), _Steps(steps, device)
+    diag, limit = Diagnose(save_dir, stop_on_nonfinite=True), _Steps(steps, device)
     n_batches = len(batches) if hasattr(batches, "__len__") else None
     epochs = math.ceil(steps / n_batches) if n_batches else steps
     learn = Learner(probe_model, DataLoaders(batches, None), loss_func, lr=lr, opt_func=opt_func, cbs=[diag, limit])

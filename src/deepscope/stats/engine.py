@@ -51,11 +51,11 @@ from .store import HistoryStore
 # the one definition of off and dead that the statistics, diagnosis, plots and ablation share.
 DEAD_THRESHOLD = dead.DEAD_TOLERANCE
 # Per-unit census of floor activations (ReLU, GeneralRelu): one recorded training step in CENSUS_EVERY
-# measures the share of each unit's values that are on; CENSUS_WINDOW censuses make one verdict. A unit
-# that is off for good stays off, so a census every 10 steps misses nothing, at ~1/10 of a pass over those
-# outputs per step.
-CENSUS_EVERY = 10
-CENSUS_WINDOW = 5
+# measures the share of each unit's values that are on; the last CENSUS_WINDOW censuses make the verdict
+# (a sliding window, so a 30-step run is judged on steps 15-25, not on its start). A unit that is off for
+# good stays off, so a census every 5 steps misses nothing, at ~1/5 of a pass over those outputs per step.
+CENSUS_EVERY = 5
+CENSUS_WINDOW = 3
 
 # Values per module and step that the statistics are computed from by default (see `sample`): enough for
 # a dead fraction within ~0.8 points and a histogram with ~100 values per bin, cheap enough to record
@@ -366,23 +366,25 @@ class StatsRecorder:
                     t.register_hook(lambda grad, j=j: self._on_gradient(j, grad))
 
     def _count_units(self, i: int, out: torch.Tensor, axis: int) -> None:
-        """Add this step's on-share of each unit of module i to its census (on the device)."""
+        """Put this step's on-share of each unit of module i into its census ring (on the device)."""
         share = dead.on_share_per_unit(out, self.rules[i], axis)   # (C,)
+        step = int(self._rows["train"].steps[self._row])
         u = self._units.get(i)
-        if u is None or u["on"].numel() != share.numel():         # first census, or the unit count changed
-            u = self._units[i] = {"on": torch.zeros_like(share), "n": 0, "start": self._rows["train"].steps[self._row],
-                                  "first": None, "last": None, "windows": 0}
-        u["on"] += share
+        if u is None or u["ring"].shape[1] != share.numel():     # first census, or the unit count changed
+            u = self._units[i] = {"ring": torch.zeros(CENSUS_WINDOW, share.numel(), device=share.device),
+                                  "steps": [], "first": None, "n": 0}
+        u["ring"][u["n"] % CENSUS_WINDOW].copy_(share)
         u["n"] += 1
-        u["end"] = self._rows["train"].steps[self._row]
-        if u["n"] == CENSUS_WINDOW:
-            verdict = ((u["on"] / u["n"]) < dead.DEAD_UNIT_ON_FRACTION).float().mean()   # 0-d, on the device
-            span = (int(u["start"]), int(self._rows["train"].steps[self._row]))
-            u["last"] = (verdict, span)
-            u["first"] = u["first"] or u["last"]
-            u["windows"] += 1
-            u["on"] = torch.zeros_like(share)
-            u["n"], u["start"] = 0, self._rows["train"].steps[self._row] + 1
+        u["steps"] = (u["steps"] + [step])[-CENSUS_WINDOW:]
+        if u["n"] == CENSUS_WINDOW:                              # the first full window: kept as evidence
+            u["first"] = (self._verdict(u), list(u["steps"]))
+
+    @staticmethod
+    def _verdict(u: dict) -> torch.Tensor:
+        """0-d, on the device: the share of units on for fewer than dead.DEAD_UNIT_ON_FRACTION of their values
+        over the censuses in the ring."""
+        k = min(u["n"], CENSUS_WINDOW)
+        return (u["ring"][:k].mean(0) < dead.DEAD_UNIT_ON_FRACTION).float().mean()
 
     def structure(self) -> dict:
         """What one look at the model found, for `Stats.structure`: {"output_module": the watched-or-not
@@ -390,21 +392,15 @@ class StatsRecorder:
         the std of the model's first recorded input (None: not known), "order": watched modules in the
         order of their first call in the first recorded training step, "census": {"every": census_every,
         "window": CENSUS_WINDOW, "modules": {name: {"units", "dead" (the share of units on for fewer than
-        dead.DEAD_UNIT_ON_FRACTION of their values over the last window of censuses), "first_dead" (the
-        first window's), "steps" [first, last] of the last window, "censuses", "rule"}}}} for the floor
-        activations measured. A window not yet complete counts when it is the only one. One read-back."""
+        dead.DEAD_UNIT_ON_FRACTION of their values over the last CENSUS_WINDOW censuses), "first_dead" (the
+        first full window's), "steps" [first, last] of the last window, "censuses", "rule"}}}} for the floor
+        activations measured. One read-back."""
         modules = {}
         for i, u in self._units.items():
-            last = u["last"]
-            if last is None and u["n"]:
-                partial = ((u["on"] / u["n"]) < dead.DEAD_UNIT_ON_FRACTION).float().mean()
-                last = (partial, (int(u["start"]), int(u["end"])))
-            if last is None:
-                continue
-            first = u["first"] or last
-            modules[self.modules[i]] = {"units": int(u["on"].numel()), "dead": float(last[0]),
-                                        "first_dead": float(first[0]), "steps": list(last[1]),
-                                        "censuses": u["windows"] * CENSUS_WINDOW + u["n"], "rule": self.rules[i].text}
+            first = u["first"] or (self._verdict(u), list(u["steps"]))
+            modules[self.modules[i]] = {"units": int(u["ring"].shape[1]), "dead": float(self._verdict(u)),
+                                        "first_dead": float(first[0]), "steps": [u["steps"][0], u["steps"][-1]],
+                                        "censuses": u["n"], "rule": self.rules[i].text}
         input_std = float(self._input_std) if self._input_std is not None else None
         return {"output_module": self._output_module,
                 "input_std": input_std if input_std is not None and np.isfinite(input_std) else None,
