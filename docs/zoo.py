@@ -101,12 +101,16 @@ def details(outcomes: list) -> str:
             f"False alarms: {'; '.join(alarms) if alarms else 'none'}.")
 
 
+def alarms(n: int) -> str:
+    return f"{n} false alarm{'' if n == 1 else 's'}"
+
+
 def summary(outcomes: list, cases: list) -> str:
     tt = tally(outcomes, cases)["totals"]
     unavailable = (f" Kinds not in this deepscope yet: {', '.join(tt['unavailable'])}." if tt["unavailable"] else "")
     return (f"Diagnosis found the planted defect in {tt['found']} of {tt['defects']} defect cases "
-            f"({tt['kinds']} finding kinds, MLP, CNN, ResNet, LSTM, Transformer and embedding models) and missed "
-            f"{tt['missed']}; it raised {tt['defect_false']} false alarms in the defect cases (warnings or errors "
+            f"({tt['kinds']} finding kinds; MLP, CNN, ResNet, LSTM, vanilla RNN, Transformer and embedding models) "
+            f"and missed {tt['missed']}; it raised {alarms(tt['defect_false'])} in the defect cases (warnings or errors "
             f"of another kind that neither the defect explains nor a `caused_by` link accounts for), and "
             f"{tt['healthy_false']} in the {tt['healthy']} healthy runs ({tt['healthy_clean']} with no warning or "
             f"error).{unavailable}")
@@ -115,7 +119,7 @@ def summary(outcomes: list, cases: list) -> str:
 def readme_line(outcomes: list, cases: list) -> str:
     tt = tally(outcomes, cases)["totals"]
     return (f"Diagnosis zoo: {tt['found']}/{tt['defects']} planted defects found across {tt['kinds']} finding "
-            f"kinds and six architectures, {tt['defect_false'] + tt['healthy_false']} false alarms "
+            f"kinds and seven architectures, {alarms(tt['defect_false'] + tt['healthy_false'])} "
             f"({tt['healthy_false']} in {tt['healthy']} healthy runs); table in "
             f"[docs/diagnosis.md](docs/diagnosis.md#the-zoo-how-often-diagnosis-is-right).")
 

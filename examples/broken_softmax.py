@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deepscope.diagnose import diagnose, format_findings
+from deepscope.diagnose import diagnose_run, format_findings
 
 
 def make_batches(n=512, n_in=20, n_classes=4, bs=64, seed=0):
@@ -30,6 +30,10 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     batches = make_batches()
     print("Broken: Linear -> BatchNorm -> ReLU -> Linear -> Softmax, trained with F.cross_entropy")
-    print(format_findings(diagnose(mlp(softmax_at_the_end=True), batches, F.cross_entropy)))
+    broken = diagnose_run(mlp(softmax_at_the_end=True), batches, F.cross_entropy)
+    print(format_findings(broken.findings), end="")
+    print(f"checked: {broken.summary()}\n")
     print("Fixed: the same model without the Softmax")
-    print(format_findings(diagnose(mlp(softmax_at_the_end=False), batches, F.cross_entropy)))
+    fixed = diagnose_run(mlp(softmax_at_the_end=False), batches, F.cross_entropy)
+    print(format_findings(fixed.findings), end="")
+    print(f"checked: {fixed.summary()}")

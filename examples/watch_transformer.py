@@ -98,10 +98,12 @@ def main(argv=None) -> int:
     for name, note in s.notes().items():  # modules that recorded nothing, and why
         print(f"  no statistics for {name}: {note}")
 
-    findings = w.findings()
+    analysis = w.analysis()  # the findings, and what was checked
+    findings = analysis.findings
     for f in findings:
         print(f"{f.severity.upper():8}{f.kind}{f' [{f.module}]' if f.module else ''}: {f.message}")
     print("no findings" if not findings else f"fix: {findings[0].fix}")
+    print(f"checked: {analysis.summary()}")
 
     # Plots are plain functions of the Stats; each returns a matplotlib figure.
     acts = [m for m in s.modules if m.endswith("activation")]  # the ReLUs inside the feed-forward blocks

@@ -173,7 +173,7 @@ def test_a_nan_anywhere_in_the_loss_history_is_reported_with_its_step():
 
     losses = [2.3, 2.1, 1.9, float("nan"), float("nan")]
     (f,) = check_nonfinite_history(losses)
-    assert f.kind == "diverged" and f.severity == "error" and f.evidence["step"] == 4
+    assert f.kind == "diverged" and f.severity == "error" and f.evidence["step"] == 3  # steps count from 0, as learn.train_iter and the statistics' rows
     assert "1.9" in f.message
     (f,) = check_nonfinite_history([2.3, 2.2], [float("inf")])
     assert f.evidence["epoch"] == 1 and "validation loss" in f.message

@@ -39,12 +39,14 @@ class LossLog:
         return list(self._values)
 
 
-def analysis_of(stats: Stats, losses: list[float], n_classes: int | None = None, also: list = ()):
+def analysis_of(stats: Stats, losses: list[float], n_classes: int | None = None, also: list = (),
+                also_checked: list[str] = ()):
     """The one analysis (deepscope.diagnose.analysis.analyse_run) of a record and its losses, with the
-    adapter's own findings `also`: an `Analysis` (findings causes first, and what was checked)."""
+    adapter's own findings `also` from the checks named in `also_checked`: an `Analysis` (findings causes
+    first, and what was checked)."""
     from .diagnose.analysis import Record, analyse_run
 
-    return analyse_run(Record(list(losses), stats, n_classes, extra=list(also)))
+    return analyse_run(Record(list(losses), stats, n_classes, extra=list(also), extra_checks=list(also_checked)))
 
 
 def findings_of(stats: Stats, losses: list[float], n_classes: int | None = None, also: list = ()) -> list:

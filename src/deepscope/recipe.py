@@ -115,7 +115,7 @@ def nonfinite_loss(losses: list[float], history: list[dict]) -> str | None:
     """A sentence naming the first non-finite training loss or epoch metric, or None when all are finite."""
     bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
     if bad is not None:
-        return f"the training loss became {losses[bad]} at step {bad + 1} of {len(losses)}"
+        return f"the training loss became {losses[bad]} at step {bad} ({len(losses)} step{'s' if len(losses) != 1 else ''} recorded)"
     for record in history:
         for key in ("train_loss", "valid_loss"):
             value = record.get(key)

@@ -193,7 +193,10 @@ class Watch:
     def analysis(self):
         """The whole diagnosis (deepscope.diagnose.Analysis): the findings, the checks that ran on how many
         steps, and those that could not and why; `.summary()` says it in a line."""
-        return analysis_of(self.stats(), self.losses, self.n_classes(), also=self._output_findings())
+        seen = self._output_check is not None or self._loss_check is not None
+        checked = ["the first training output (softmax axis, prediction and target shapes)"] if seen else []
+        return analysis_of(self.stats(), self.losses, self.n_classes(), also=self._output_findings(),
+                           also_checked=checked)
 
     def _output_findings(self) -> list:
         """Checks on the model's first training output: how it was normalised (softmax over the batch), and

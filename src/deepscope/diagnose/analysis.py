@@ -37,6 +37,7 @@ class Record:
     replay: list[Finding] = field(default_factory=list)   # what replaying the first non-finite step found
     error: dict | None = None                 # an exception that ended the run {"where", "type", "message"}
     extra: list[Finding] = field(default_factory=list)    # findings an adapter made itself (watch's output look)
+    extra_checks: list[str] = field(default_factory=list)  # the names of the checks that made them
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def _needs_losses(min_steps: int):
 
 
 def _needs_setup(r: Record) -> str:
-    return "" if r.setup is not None else "needs the pre-flight look at the first batch (doctor, Diagnose)"
+    return "" if r.setup is not None else "no look at a batch before training: doctor, diagnose() and Diagnose take one"
 
 
 def _needs_observations(min_checks: int = 1, key: str = "updates"):
@@ -190,6 +191,7 @@ def analyse_run(record: Record) -> Analysis:
     if record.replay:
         findings = [f for f in findings if not f.kind.startswith("nonfinite_")] + list(record.replay)
     findings = merge_findings([], dedupe(findings + list(record.extra)))
+    ran += list(record.extra_checks)
     return Analysis(sort_findings(findings), ran, skipped, _steps(record))
 
 

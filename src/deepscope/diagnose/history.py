@@ -151,10 +151,10 @@ def check_nonfinite_history(losses: list[float], valid_losses: list[float] = ())
     if bad is not None:
         before = f" (the last finite loss was {losses[bad - 1]:.4g})" if bad > 0 else ""
         return [Finding("diverged", "", "error",
-                        f"The training loss became {losses[bad]} at step {bad + 1} of {len(losses)}{before}: "
+                        f"The training loss became {losses[bad]} at step {bad} ({len(losses)} step{'s' if len(losses) != 1 else ''} recorded){before}: "
                         f"training diverged, and every later step trained on non-finite numbers.",
                         _FIX_DIVERGED + " `deepscope doctor` with the same options names the module that "
-                        "produced the first NaN.", {"step": bad + 1, "steps": len(losses), "loss": str(losses[bad])})]
+                        "produced the first NaN.", {"step": bad, "steps": len(losses), "loss": str(losses[bad])})]
     epoch = next((i for i, v in enumerate(valid_losses) if v is not None and not math.isfinite(v)), None)
     if epoch is not None:
         return [Finding("diverged", "", "error",
