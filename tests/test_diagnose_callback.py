@@ -119,3 +119,14 @@ def test_cancelled_fit_leaves_no_hooks():
     learn = Learner(healthy_mlp(), dls(), cbs=[Diagnose(), Stop()])
     learn.fit(1)
     assert no_hooks(learn.model)
+
+
+def test_without_statistics_it_judges_the_losses_and_says_what_it_left_out():
+    """`deepscope train --no-stats`: Diagnose records no statistics of its own, and says so."""
+    diag, count = Diagnose(record_stats=False), CountHooks()
+    learn = Learner(healthy_mlp(), dls(), lr=1e-2, cbs=[diag, count])
+    learn.fit(1)
+    assert set(count.counts) == {0}  # no hook on any step
+    assert diag.record(learn).stats is None and len(diag.record(learn).losses) == 8
+    assert ("dead units (per-unit census of ReLU-like activations)", "no statistics were recorded") in \
+        diag.analysis.skipped

@@ -73,7 +73,7 @@ def schedule_callbacks(config: TrainConfig) -> list:
 
 def looking_inside_callbacks(config: TrainConfig, run_dir: Path | None) -> list:
     """Statistics (unless --no-stats), diagnosis, and TensorBoard (when asked) for a training run."""
-    cbs: list = [Diagnose(save_dir=run_dir)]
+    cbs: list = [Diagnose(save_dir=run_dir, record_stats=config.stats)]  # --no-stats: no statistics at all
     stats = ActivationStats(every=config.stats_every, subsample=config.stats_sample or None) if config.stats else None
     if stats is not None:
         cbs.append(stats)

@@ -30,7 +30,9 @@ class Diagnose(Callback):
     At the first step where they are not, it replays that step's batch with the weights and random state
     the step ran with (`replay.locate_nonfinite`) to name the module that made the NaN; with `save_dir`
     the batch is saved there. Pass `replay=False` to skip that read-back (on a GPU it is a sync per step);
-    the per-step counts of the statistics still say where NaN first appeared, less exactly.
+    the per-step counts of the statistics still say where NaN first appeared, less exactly. With
+    `record_stats=False` and no ActivationStats in the learner, only the losses and the pre-flight look are
+    judged (the analysis says which checks that leaves out).
 
     A step that float16 MixedPrecision's scaler skips (`learn.skip_step`) is not checked: the overflow is
     the scaler's. It sits out the LR finder's sweep, whose diverging steps are not problems of the fit.
@@ -40,8 +42,9 @@ class Diagnose(Callback):
     in_lr_sweep = False
 
     def __init__(self, save_dir: str | Path | None = None, *, replay: bool = True, stop_on_nonfinite: bool = False,
-                 census_every: int | None = None):
+                 census_every: int | None = None, record_stats: bool = True):
         self.save_dir, self.replay, self.stop_on_nonfinite = save_dir, replay, stop_on_nonfinite
+        self.record_stats = record_stats
         self.census_every = census_every
         self.findings: list[Finding] = []
         self.analysis: Analysis | None = None
@@ -53,7 +56,7 @@ class Diagnose(Callback):
     # --- the record: the learner's statistics and losses, or our own ------------------------------------
     def before_fit(self, learn) -> None:
         self._own = []
-        if learn.get_cb(ActivationStats) is None:
+        if learn.get_cb(ActivationStats) is None and self.record_stats:
             stats = ActivationStats()
             if self.census_every is not None:
                 stats.options["census_every"] = self.census_every
