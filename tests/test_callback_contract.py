@@ -502,3 +502,23 @@ def test_built_in_callbacks_refuse_bad_arguments_when_made(make):
 
     with pytest.raises(ConfigError):
         make()
+
+
+def test_a_failing_cleanup_does_not_mask_the_exception_that_ended_the_phase():
+    """cleanup_fit fails while a KeyboardInterrupt (or any error) is on its way out: the interrupt is what
+    the caller sees, with the clean-up's failure noted on it; with nothing on its way out, the clean-up's
+    own error is raised as before."""
+    class Stop(Callback):
+        def after_pred(self, learn):
+            raise KeyboardInterrupt()
+
+    class BrokenCleanup(Callback):
+        def cleanup_fit(self, learn):
+            raise RuntimeError("cannot flush")
+
+    learn = make([Stop(), BrokenCleanup()], n=32, bs=8, valid=False)
+    with pytest.raises(KeyboardInterrupt) as info:
+        learn.fit(1)
+    assert "cleanup_fit failed too" in " ".join(getattr(info.value, "__notes__", ["cleanup_fit failed too"]))
+    with pytest.raises(CallbackError, match="cannot flush"):
+        make([BrokenCleanup()], n=32, bs=8, valid=False).fit(1)

@@ -222,3 +222,35 @@ def test_symptoms_are_listed_under_their_cause():
     bug = sort_findings([f("lr_too_high"), f("gradients_not_zeroed"), f("dead_units", "a", "warning")])
     assert bug[0].kind == "gradients_not_zeroed" and all(x.caused_by == "gradients_not_zeroed" for x in bug[1:])
     assert Finding.from_dict(found[1].to_dict()).caused_by == "lr_too_high"
+
+
+def test_a_crash_that_lasts_counts_even_if_the_layer_partly_recovers():
+    """Lesson 10's plain CNN on one thread: the ReLU std crashes to ~0.03 for a stretch, then climbs back
+    part of the way. The crash is what happened; the end of the run alone would hide it."""
+    from deepscope.diagnose.history import check_activation_crash
+
+    std = np.r_[np.linspace(0.1, 1.4, 40), np.full(40, 0.03), np.linspace(0.03, 0.5, 40)]
+    (f,) = check_activation_crash(["act"], np.arange(120), std[:, None])
+    assert f.kind == "activation_collapse" and f.evidence["low_std"] == pytest.approx(0.03)
+    assert "back to" in f.message
+    brief = np.r_[np.linspace(0.1, 1.4, 40), [0.03, 0.03], np.full(78, 1.0)]  # two rows: noise, not a crash
+    assert check_activation_crash(["act"], np.arange(120), brief[:, None]) == []
+
+
+def test_back_at_chance_for_a_stretch_is_divergence_and_the_story_is_told_in_order():
+    from deepscope.diagnose.history import check_loss_history
+
+    chance = math.log(10)
+    v = list(np.r_[np.linspace(chance, 2.0, 40), [3.3], np.full(60, chance), np.linspace(chance, 2.2, 17)])
+    (f,) = check_loss_history(v, n_classes=10)
+    assert f.kind == "lr_too_high" and f.evidence["steps_at_chance"] >= 50
+    assert "spiked to 3.3 at step 40" in f.message and f"was {f.evidence['final_loss']:.4g} at the end" in f.message
+    assert f.evidence["final_loss"] < chance * 0.97  # partly recovered: the stretch at chance still counts
+    # the loss never went down: no "came down, then went back" story, whatever the spike
+    early_spike = list(np.r_[[chance, 20.0], np.full(98, 1.9)])
+    (g,) = check_loss_history(early_spike, n_classes=10)
+    assert "come down" not in g.message and "spiked from" in g.message
+    # ending far above chance is not "at chance"
+    above = list(np.r_[np.linspace(chance, 2.0, 40), np.full(60, 2.5 * chance)])
+    (h,) = check_loss_history(above, n_classes=10)
+    assert "chance" not in h.message

@@ -374,3 +374,70 @@ def test_exact_reductions_match_a_direct_torch_computation(n, hist_range, bins):
     gradient_stats(f, grad)
     torch.testing.assert_close(grad[:2], out_f[:2])
     assert grad[5] == 0
+
+
+class Interrupt(KeyboardInterrupt):
+    """Stands in for the Ctrl-C / SIGTERM the CLI turns into an exception wherever Python is."""
+
+
+@pytest.mark.parametrize("subsample", [4096, None])
+@pytest.mark.parametrize("at_call", range(1, 14))
+def test_an_interrupt_mid_step_keeps_the_record_and_stays_an_interrupt(subsample, at_call):
+    """Whatever the step and the module the interrupt lands in, the fit ends with the interrupt itself (not
+    a failure of ActivationStats' clean-up masking it), and the steps finished so far stay readable."""
+    calls = [0]
+
+    def hook(module, inputs, output):
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise Interrupt()
+
+    stats_cb = ActivationStats(flush_every=4, subsample=subsample)
+    learn = learner([stats_cb], n_train=9)
+    handle = learn.model[2].register_forward_hook(hook)  # once per step: the interrupt lands in step at_call - 1
+    with pytest.raises(Interrupt):
+        learn.fit(2, valid=False)
+    handle.remove()
+    s = stats_cb.stats()
+    assert s.steps.tolist() == list(range(at_call))  # the cut step's row is finished by cleanup_batch
+    assert np.isfinite(s.act_std[:-1]).all() and no_hooks_left(learn.model)
+
+
+def test_a_step_left_open_is_dropped_when_the_hooks_go():
+    from deepscope.stats import StatsRecorder
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    rec = StatsRecorder(model, flush_every=4)
+    rec.attach()
+    for step in range(7):
+        rec.start_step(step)
+        model(torch.randn(2, 3)).sum().backward()
+        rec.before_update()
+        rec.after_update()
+        rec.end_step()
+    rec.start_step(7)            # opened, never ended: an exception in the middle of the step
+    model(torch.randn(2, 3))
+    rec.close()
+    assert rec.stats().steps.tolist() == list(range(7))
+
+
+def test_an_interrupt_inside_the_engines_own_bookkeeping_stays_an_interrupt(monkeypatch):
+    """A signal can land between two lines of the engine (here: after a block's samples are summarised,
+    before the engine notes it): the clean-up must not fail on the half-updated state and mask it."""
+    from deepscope.stats.sample import SampleBlock
+
+    original, fired = SampleBlock.summarise, []
+
+    def summarise_then_interrupt(self, out, hist_out):
+        original(self, out, hist_out)
+        if not fired:
+            fired.append(True)
+            raise Interrupt()
+
+    monkeypatch.setattr(SampleBlock, "summarise", summarise_then_interrupt)
+    stats_cb = ActivationStats(flush_every=4)
+    learn = learner([stats_cb], n_train=9)
+    with pytest.raises(Interrupt):
+        learn.fit(2, valid=False)
+    assert fired and no_hooks_left(learn.model)
+    assert len(stats_cb.stats().steps) >= 4

@@ -20,6 +20,13 @@ class LossLog:
         self._pending: list[torch.Tensor] = []
 
     def add(self, loss: torch.Tensor | float) -> None:
+        """The step's loss: a one-value tensor or a number. ConfigError for a loss of several values (an
+        unreduced loss, reduction="none"): reduce it first, e.g. loss.mean()."""
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            from .errors import ConfigError
+
+            raise ConfigError(f"the loss given for a step has shape {tuple(loss.shape)}: pass one value per step "
+                              f"(reduce it, e.g. loss.mean(), as backward() needs anyway)")
         value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         if self._pending and value.device != self._pending[0].device:
             self.read()
@@ -40,13 +47,14 @@ class LossLog:
 
 
 def analysis_of(stats: Stats, losses: list[float], n_classes: int | None = None, also: list = (),
-                also_checked: list[str] = ()):
+                also_checked: list[str] = (), also_skipped: list[tuple[str, str]] = ()):
     """The one analysis (deepscope.diagnose.analysis.analyse_run) of a record and its losses, with the
     adapter's own findings `also` from the checks named in `also_checked`: an `Analysis` (findings causes
     first, and what was checked)."""
     from .diagnose.analysis import Record, analyse_run
 
-    return analyse_run(Record(list(losses), stats, n_classes, extra=list(also), extra_checks=list(also_checked)))
+    return analyse_run(Record(list(losses), stats, n_classes, extra=list(also), extra_checks=list(also_checked),
+                              extra_skipped=list(also_skipped)))
 
 
 def findings_of(stats: Stats, losses: list[float], n_classes: int | None = None, also: list = ()) -> list:

@@ -208,7 +208,9 @@ class Learner:
     # --- the loop --------------------------------------------------------------------------------------
     def _phase(self, name: str, body: Callable[[], None]) -> None:
         """before_X, body, after_X; the phase's Cancel exception ends it quietly; cleanup_X always runs, and
-        sees in `error` any other exception on its way out."""
+        sees in `error` any other exception on its way out. When cleanup_X fails too, the exception that
+        ended the phase is the one raised (a Ctrl-C stays a Ctrl-C), with the cleanup's failure noted on it."""
+        failure: BaseException | None = None
         try:
             self.callback(f"before_{name}")
             body()
@@ -218,9 +220,16 @@ class Learner:
         except BaseException as e:
             if not isinstance(e, _CANCELS):
                 self.error = e
-            raise
-        finally:
+            failure = e
+        try:
             self.callback(f"cleanup_{name}")
+        except BaseException as cleanup_error:
+            if failure is None or isinstance(failure, _CANCELS):
+                raise
+            if hasattr(failure, "add_note"):  # Python 3.11+
+                failure.add_note(f"while stopping, cleanup_{name} failed too: {cleanup_error}")
+        if failure is not None:
+            raise failure
 
     def fit(self, n_epochs: int = 1, lr: float | None = None, cbs: Sequence[Callback] = (),
             *, train: bool = True, valid: bool = True) -> None:

@@ -193,10 +193,14 @@ class Watch:
     def analysis(self):
         """The whole diagnosis (deepscope.diagnose.Analysis): the findings, the checks that ran on how many
         steps, and those that could not and why; `.summary()` says it in a line."""
-        seen = self._output_check is not None or self._loss_check is not None
-        checked = ["the first training output (softmax axis, prediction and target shapes)"] if seen else []
+        checked = ["the first training output's softmax axis"] if self._output_check is not None else []
+        skipped = []
+        if self._loss_check is not None:
+            checked.append("prediction and target shapes")
+        elif self._targets is None:
+            skipped.append(("prediction and target shapes; the batches' class order", "needs targets= in w.step"))
         return analysis_of(self.stats(), self.losses, self.n_classes(), also=self._output_findings(),
-                           also_checked=checked)
+                           also_checked=checked, also_skipped=skipped)
 
     def _output_findings(self) -> list:
         """Checks on the model's first training output: how it was normalised (softmax over the batch), and

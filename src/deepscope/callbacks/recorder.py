@@ -25,7 +25,8 @@ class Recorder(Callback):
 
     def after_loss(self, learn) -> None:
         if learn.training:
-            self._pending.append(learn.loss.detach())
+            loss = learn.loss.detach()  # one value per step: an unreduced loss is recorded as its mean
+            self._pending.append(loss.float().mean() if loss.numel() != 1 else loss.reshape(()))
             group = learn.opt.param_groups[0]
             self.lrs.append(float(group["lr"]))
             mom = group.get("momentum", group.get("betas", (None,))[0])

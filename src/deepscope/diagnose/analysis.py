@@ -38,6 +38,7 @@ class Record:
     error: dict | None = None                 # an exception that ended the run {"where", "type", "message"}
     extra: list[Finding] = field(default_factory=list)    # findings an adapter made itself (watch's output look)
     extra_checks: list[str] = field(default_factory=list)  # the names of the checks that made them
+    extra_skipped: list[tuple[str, str]] = field(default_factory=list)  # checks an adapter could not run, and why
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,21 @@ def _steps(r: Record) -> int:
     return max(len(r.losses), stats_steps)
 
 
+def _no_rows(stats) -> str:
+    """Why a record holds no training step."""
+    obs = stats.observations or {}
+    if obs.get("updates") and obs.get("eval_updates") == obs.get("updates"):
+        return "no training step was recorded: the model was in eval mode at every step"
+    return "no training step was recorded"
+
+
 def _needs_stats(min_rows: int = 1):
     def why(r: Record) -> str:
         if r.stats is None:
             return "no statistics were recorded"
         n = len(r.stats.steps)
+        if n == 0:
+            return _no_rows(r.stats)
         return f"needs {min_rows} recorded steps, saw {n}" if n < min_rows else ""
     return why
 
@@ -89,10 +100,17 @@ def _needs_observations(min_checks: int = 1, key: str = "updates"):
 def _needs_census(r: Record) -> str:
     if r.stats is None:
         return "no statistics were recorded"
+    if len(r.stats.steps) == 0:
+        return _no_rows(r.stats)
     census = ((r.stats.structure or {}).get("census") or {}).get("modules")
     if r.stats.structure is None:
         return ""  # an older file: the per-value check runs instead
-    return "" if census else "no ReLU-like activation module is watched (a functional F.relu has no module)"
+    if census:
+        return ""
+    kinds = {rule.split(":", 1)[0] for rule in r.stats.dead_rules or []}
+    if "negative" in kinds:
+        return "the activations watched (leaky ReLU, GELU, ...) pass a gradient when off: their units cannot die"
+    return "no ReLU-like activation module is watched (a functional F.relu has no module)"
 
 
 def _dead(r: Record) -> list[Finding]:
@@ -111,7 +129,7 @@ def _setup(r: Record) -> list[Finding]:
 
 _DIVERGENCE = ("lr_too_high",)
 CHECKS: tuple[Check, ...] = (
-    Check("set-up (targets, loss input, softmax axis, init symmetry, BatchNorm batch, input scale)",
+    Check("set-up before training (targets, loss input, init symmetry, BatchNorm batch, input scale)",
           ("target_mismatch", "softmax_before_cross_entropy", "probabilities_to_nll", "symmetric_init",
            "batchnorm_small_batch", "input_not_normalized", "softmax_wrong_dim", "loss_shape_mismatch", "exception"),
           _needs_setup, _setup),
@@ -150,6 +168,7 @@ class Analysis:
     ran: list[str]
     skipped: list[tuple[str, str]]
     steps: int
+    caveats: list[str] = field(default_factory=list)  # what the record could not see (a module called twice)
 
     def summary(self) -> str:
         """One or two lines: "14 checks on 1,170 steps: no findings." and what could not be checked."""
@@ -159,10 +178,13 @@ class Analysis:
         head += ": no problems found." if not found else f": {found} problem{'s' if found != 1 else ''} found."
         if self.skipped:
             head += " Not checked: " + "; ".join(f"{name} ({why})" for name, why in self.skipped) + "."
+        if self.caveats:
+            head += " Note: " + "; ".join(self.caveats) + "."
         return head
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "ran": list(self.ran), "skipped": [list(s) for s in self.skipped]}
+        return {"steps": self.steps, "ran": list(self.ran), "skipped": [list(s) for s in self.skipped],
+                "caveats": list(self.caveats)}
 
 
 def dedupe(findings: list[Finding]) -> list[Finding]:
@@ -192,7 +214,10 @@ def analyse_run(record: Record) -> Analysis:
         findings = [f for f in findings if not f.kind.startswith("nonfinite_")] + list(record.replay)
     findings = merge_findings([], dedupe(findings + list(record.extra)))
     ran += list(record.extra_checks)
-    return Analysis(sort_findings(findings), ran, skipped, _steps(record))
+    skipped += list(record.extra_skipped)
+    caveats = [f"{m!r} is {note}" for m, note in (record.stats.notes().items() if record.stats is not None else ())
+               if note.startswith("called")]
+    return Analysis(sort_findings(findings), ran, skipped, _steps(record), caveats)
 
 
 def analyse_record(stats, losses: list[float], n_classes: int | None = None,

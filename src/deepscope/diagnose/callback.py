@@ -98,16 +98,20 @@ class Diagnose(Callback):
             return
         grads = [p.grad for p in learn.model.parameters() if p.grad is not None]
         checks = [torch.isfinite(learn.loss.detach()).all()]
-        if grads:
-            checks.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if grads:  # the max |g| of each, finite exactly when every value is (an L2 norm of 1e20s overflows)
+            checks.append(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
         if bool(torch.stack(checks).all()):  # the one read-back per step
             return
         kind = self._setup.loss_kind if self._setup is not None else None
         self._replayed = locate_nonfinite(learn.model, learn.batch, learn.loss_func, step=learn.train_iter,
                                           rng_state=self._rng, loss_kind=kind, save_dir=self.save_dir) or \
             [Finding("diverged", "", "error", f"The loss or the gradients became NaN/Inf at step {learn.train_iter}, "
-                     "but replaying the step did not reproduce it (a non-deterministic kernel?).",
-                     "Run `deepscope doctor` with the same options to look again.", {"step": learn.train_iter})]
+                     "but replaying the step with the same weights, batch and random state gave finite values: "
+                     "something outside the model's forward and backward made them (a callback changing the "
+                     "gradients, a non-deterministic GPU kernel).",
+                     "Lower the learning rate and look at the callbacks that touch the gradients (clipping, "
+                     "mixed precision); with a GPU, try torch.use_deterministic_algorithms(True).",
+                     {"step": learn.train_iter, "source": "replay"})]
         if self.stop_on_nonfinite:
             raise CancelFitException()
 

@@ -112,6 +112,8 @@ CAUSES: dict[str, tuple[str, ...]] = {
     # a signal that shrinks to ~0 sits within the off tolerance of the floor (units look dead), and grows
     # back by orders of magnitude as training rescales it
     "activation_collapse": ("dead_units", "activation_explosion", "not_learning"),
+    # a layer whose units are all dead passes nothing: the model cannot learn past it
+    "dead_units": ("not_learning",),
 }
 
 

@@ -45,15 +45,23 @@ def check_activation_crash(modules: list[str], steps: np.ndarray, act_std: np.nd
     crashed = []
     for j, name in enumerate(modules):
         col = _finite(act_std[:, j])
-        before, end = col[:-k], col[-k:]
-        if np.isnan(before).all() or np.isnan(end).all():
+        if np.isnan(col[:-k]).all() or np.isnan(col[-k:]).all():
             continue
-        i = int(np.nanargmax(before))
-        peak, final = float(before[i]), float(np.nanmean(end))
-        if final < peak * ACT_CRASH_RATIO and final < ACT_CRASH_FLOOR:
-            first = float(before[~np.isnan(before)][0])
+        # the std held over k rows in a row: a crash that lasts, whether or not the layer recovers later
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            held = np.array([np.nanmean(col[t:t + k]) for t in range(T - k + 1)])
+        i = int(np.nanargmax(col[:-k]))
+        after = held[i + 1:] if i + 1 < len(held) else held[-1:]
+        if np.isnan(after).all():
+            continue
+        low_at = i + 1 + int(np.nanargmin(after)) if i + 1 < len(held) else len(held) - 1
+        peak, low, final = float(col[i]), float(held[low_at]), float(held[-1])
+        if low < peak * ACT_CRASH_RATIO and low < ACT_CRASH_FLOOR:
+            first = float(col[~np.isnan(col)][0])
             crashed.append({"module": name, "peak_std": peak, "peak_step": int(steps[i]), "first_std": first,
-                            "final_std": final, "ratio": final / peak})
+                            "low_std": low, "low_steps": [int(steps[low_at]), int(steps[low_at + k - 1])],
+                            "final_std": final, "ratio": low / peak})
     if not crashed:
         return []
     c = crashed[0]
@@ -61,10 +69,13 @@ def check_activation_crash(modules: list[str], steps: np.ndarray, act_std: np.nd
     others = [d["module"] for d in crashed[1:]]
     also = f" So did {len(others)} later layer{'s' if len(others) > 1 else ''} ({', '.join(others[:4])}" \
            f"{', ...' if len(others) > 4 else ''})." if others else ""
+    a, b = c["low_steps"]
+    recovered = "" if c["final_std"] <= c["low_std"] * 1.5 else f", and was back to {c['final_std']:.3g} at the end"
     return [Finding("activation_collapse", c["module"], "warning",
                     f"The output std of {c['module']!r} {rose} {c['peak_std']:.3g} at step {c['peak_step']}, then "
-                    f"crashed to {c['final_std']:.3g} by the end of the run ({c['ratio']:.2g}x its peak; threshold "
-                    f"{ACT_CRASH_RATIO:g}x and below {ACT_CRASH_FLOOR:g}): training switched the layer off.{also}",
+                    f"crashed to {c['low_std']:.3g} over steps {a}-{b} ({c['ratio']:.2g}x its peak; threshold "
+                    f"{ACT_CRASH_RATIO:g}x and below {ACT_CRASH_FLOOR:g}){recovered}: training switched the layer "
+                    f"off.{also}",
                     _FIX_DIVERGED, {**c, "end_rows": k, "collapsed": [d["module"] for d in crashed]})]
 
 
@@ -125,14 +136,27 @@ def check_loss_history(losses: list[float], n_classes: int | None = None) -> lis
         smooth = np.convolve(v, np.ones(CHANCE_SMOOTH) / CHANCE_SMOOTH, mode="valid")
         low_at = int(smooth.argmin())
         low = float(smooth[low_at])
-        if final >= chance * (1 - CHANCE_TOLERANCE) and low <= chance * (1 - CHANCE_LEARNED_MARGIN):
-            spiked = f", spiked to {peak:.4g} at step {at}," if peak > start else ""
+        # back at chance (within CHANCE_TOLERANCE either side) after the lowest point, for k steps in a row
+        at_chance = np.abs(smooth[low_at:] - chance) <= chance * CHANCE_TOLERANCE
+        stretch, longest, begin, where = 0, 0, 0, 0
+        for t, hit in enumerate(at_chance):
+            stretch = stretch + 1 if hit else 0
+            if stretch > longest:
+                longest, begin = stretch, t - stretch + 1
+        where = low_at + begin + CHANCE_SMOOTH // 2
+        ended = abs(final - chance) <= chance * CHANCE_TOLERANCE
+        if low <= chance * (1 - CHANCE_LEARNED_MARGIN) and longest >= k:
+            spike_at = low_at + int(v[low_at:].argmax())
+            spiked = f", spiked to {v[spike_at]:.4g} at step {spike_at}" if v[spike_at] > low * LOSS_SPIKE_RATIO else ""
+            end = (f" and ended there ({final:.4g})" if ended else
+                   f" for {longest} steps (from step {where}) and was {final:.4g} at the end")
             return [Finding("lr_too_high", "", "error",
-                            f"The model predicts no better than chance: the training loss had come down to "
-                            f"{low:.4g} (around step {low_at + CHANCE_SMOOTH // 2}){spiked} and ended at {final:.4g}, "
-                            f"chance level ln({n_classes}) = {chance:.4g}. Training diverged and the network died.",
+                            f"The model fell back to predicting no better than chance: the training loss had come down to {low:.4g} (around "
+                            f"step {low_at + CHANCE_SMOOTH // 2}){spiked}, then went back to chance level "
+                            f"ln({n_classes}) = {chance:.4g}{end}. Training diverged and the network died.",
                             _FIX_DIVERGED,
-                            {**evidence, "n_classes": n_classes, "chance_loss": chance, "lowest_loss": low})]
+                            {**evidence, "n_classes": n_classes, "chance_loss": chance, "lowest_loss": low,
+                             "steps_at_chance": longest, "back_at_chance_from": where})]
     if start > 0 and peak > start * LOSS_SPIKE_RATIO:
         return [Finding("lr_too_high", "", "error" if peak > start * LOSS_RISE_ERROR else "warning",
                         f"The training loss spiked from {start:.4g} to {peak:.4g} ({peak / start:.3g}x) at step {at} "
@@ -149,9 +173,9 @@ def check_nonfinite_history(losses: list[float], valid_losses: list[float] = ())
     (or `diagnose()`) finds the module that produced the first NaN."""
     bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
     if bad is not None:
-        before = f" (the last finite loss was {losses[bad - 1]:.4g})" if bad > 0 else ""
+        before = f"; the last finite loss was {losses[bad - 1]:.4g}" if bad > 0 else ""
         return [Finding("diverged", "", "error",
-                        f"The training loss became {losses[bad]} at step {bad} ({len(losses)} step{'s' if len(losses) != 1 else ''} recorded){before}: "
+                        f"The training loss became {losses[bad]} at step {bad} ({len(losses)} step{'s' if len(losses) != 1 else ''} recorded{before}): "
                         f"training diverged, and every later step trained on non-finite numbers.",
                         _FIX_DIVERGED + " `deepscope doctor` with the same options names the module that "
                         "produced the first NaN.", {"step": bad, "steps": len(losses), "loss": str(losses[bad])})]

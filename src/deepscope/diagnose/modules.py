@@ -170,6 +170,18 @@ def grad_nonzero(stats) -> dict[str, bool]:
             for j, name in enumerate(stats.param_modules)}
 
 
+def unwatched_before(stats, name: str) -> list[str]:
+    """Leaf modules that are not watched and sit, in the model's registration order, between the watched
+    module before `name` and `name` itself: they may have run in between (a log, a custom layer)."""
+    leaves = _structure(stats).get("leaves") or []
+    if name not in leaves:
+        return []
+    watched, at = set(stats.modules), leaves.index(name)
+    before = [i for i, n in enumerate(leaves[:at]) if n in watched]
+    start = before[-1] + 1 if before else 0
+    return [n for n in leaves[start:at] if n not in watched]
+
+
 def first_nonfinite(stats) -> dict | None:
     """Where NaN/Inf first shows in the per-step counts: {"step", "where": "forward"|"backward", "module",
     "modules"} for the first row with a non-finite activation (the first such module in call order) or,
@@ -204,9 +216,14 @@ def check_nonfinite_counts(stats, losses: list[float]) -> list[Finding]:
     if first is not None and (bad_loss is None or first["step"] <= bad_loss):
         ev = {**first, "source": "per-step counts"}
         if first["where"] == "forward":
+            hidden = unwatched_before(stats, first["module"])
+            maybe = (f" Modules that are not watched ran before it ({', '.join(repr(h) for h in hidden[:4])}): one of "
+                     f"them may have made it; watch them too (modules=[...]) or replay the step with "
+                     f"deepscope.diagnose to be sure.") if hidden else ""
             return [Finding("nonfinite_forward", first["module"], "error",
                             f"NaN/Inf first appeared at step {first['step']} in the output of {first['module']!r}, the "
-                            f"first module in call order whose output held any.", fix_fwd, ev)]
+                            f"first watched module in call order whose output held any.{maybe}", fix_fwd,
+                            {**ev, "unwatched_before": hidden[:8]})]
         return [Finding("nonfinite_backward", first["module"], "error",
                         f"At step {first['step']} every output was finite, but the gradient of {first['module']!r}'s "
                         f"output was NaN/Inf: the backward pass of the module after it (or of the loss) made it.",

@@ -32,9 +32,25 @@ NONFINITE_BATCH_FILE = "nonfinite_batch.pt"
 # Losses that compute their result from their inputs without a log or division of their own that a user
 # wrote: a NaN from finite predictions there means the targets or the reduction (a mean over no element).
 _BUILT_IN_LOSS = ("cross_entropy", "nll", "mse", "l1", "bce", "bce_logits")
+# Outputs this large make a loss overflow float32 (a squared error of 1e20, a logsumexp of 1e38): weights that
+# have blown up, not a bug of the loss. Healthy logits and regression outputs stay within a few hundred.
+HUGE_OUTPUT = 1e6
 
 
-def _nonfinite_loss_finding(step: int, value: float, loss_kind: str | None) -> Finding:
+def _nonfinite_loss_finding(step: int, value: float, loss_kind: str | None, largest: float) -> list[Finding]:
+    evidence = {"step": step, "loss": str(value), "loss_kind": loss_kind, "largest_output": largest, "source": "replay"}
+    if largest > HUGE_OUTPUT:
+        loss = Finding("nonfinite_loss", "", "error",
+                       f"The loss is {value} at step {step}: the model's outputs are finite but huge (largest "
+                       f"|output| {largest:.3g}), so the loss overflows.",
+                       "Lower the learning rate (or the init scale, if it happens at the first step).", evidence)
+        if step == 0:
+            return [loss]
+        return [Finding("lr_too_high", "", "error",
+                        f"After {step} update{'s' if step != 1 else ''} the model's outputs reached {largest:.3g} and "
+                        f"the loss overflowed to {value}: each step moved the weights far too much.",
+                        "Lower the learning rate 10x or more (an LR finder shows the usable range), or add gradient "
+                        "clipping and warm-up.", evidence), loss]
     if loss_kind in _BUILT_IN_LOSS:
         why = (f"torch's own {loss_kind} loss returned it from finite predictions, which happens when every "
                f"target of the batch is ignored (ignore_index: a mean over no element is 0/0), or the targets "
@@ -45,9 +61,8 @@ def _nonfinite_loss_finding(step: int, value: float, loss_kind: str | None) -> F
         why = "the loss function itself produced it."
         fix = ("In a hand-written loss, clamp before log (x.clamp_min(1e-7).log()) or use the log-space form "
                "(F.log_softmax, F.cross_entropy, F.binary_cross_entropy_with_logits).")
-    return Finding("nonfinite_loss", "", "error",
-                   f"The loss is {value} at step {step} although the model's output is finite: {why}", fix,
-                   {"step": step, "loss": str(value), "loss_kind": loss_kind, "source": "replay"})
+    return [Finding("nonfinite_loss", "", "error",
+                    f"The loss is {value} at step {step} although the model's output is finite: {why}", fix, evidence)]
 
 
 def locate_nonfinite(model: nn.Module, batch, loss_func: Callable, *, step: int, rng_state: torch.Tensor | None,
@@ -57,6 +72,7 @@ def locate_nonfinite(model: nn.Module, batch, loss_func: Callable, *, step: int,
     `save_dir`, the batch, the random state and the weights go to `save_dir/nonfinite_batch.pt`."""
     x, y = batch
     first: dict = {}
+    largest = 0.0
 
     def forward_hook(hook, module, inputs, output):
         outs = floating_tensors(output)
@@ -83,6 +99,8 @@ def locate_nonfinite(model: nn.Module, batch, loss_func: Callable, *, step: int,
             floating = isinstance(x, torch.Tensor) and x.is_floating_point()
             xr = x.detach().clone().requires_grad_(True) if floating else x
             preds = model(xr)
+            outs = floating_tensors(preds)
+            largest = max((float(t.detach().abs().max()) for t in outs if t.numel()), default=0.0)
             loss = loss_func(preds, y)
             value = float(loss.detach().float().mean()) if loss.numel() else math.nan
             if "forward" not in first and math.isfinite(value):
@@ -117,7 +135,7 @@ def locate_nonfinite(model: nn.Module, batch, loss_func: Callable, *, step: int,
                                 "it only appears after some steps, lower the learning rate.",
                                 {**source, "module": name, "type": kind, "data": False}))
     elif not math.isfinite(value):
-        findings.append(_nonfinite_loss_finding(step, value, loss_kind))
+        findings += _nonfinite_loss_finding(step, value, loss_kind, largest)
     elif "backward" in first:
         name = first["backward"]
         how = first.get("how", "backward hooks")

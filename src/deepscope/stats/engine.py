@@ -186,6 +186,9 @@ class StatsRecorder:
         self.rules = [dead.off_rule(module, self.dead_threshold) for _, module in chosen]
         self._units, self._census_now, self._train_steps, self._last_axis = {}, False, 0, None
         self._output_module, self._input_std, self._order = None, None, []
+        self._calls, self._max_calls = {}, {}  # calls of a module in this recorded step; the most in any
+        # every leaf module in registration order (bounded), to say which unwatched ones ran near a watched one
+        self._leaves = [n for n, m in self.model.named_modules() if next(m.children(), None) is None][:1000]
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         M = len(self.modules)
@@ -272,12 +275,17 @@ class StatsRecorder:
         return list(self._invisible or [])
 
     def remove(self) -> None:
-        """Remove the hooks (idempotent); what was recorded stays available."""
+        """Remove the hooks (idempotent); what was recorded stays available. A step still open (an
+        exception or a Ctrl-C in its middle) is dropped: its row was never finished."""
         for hooks in self._hooks:
             hooks.remove()
         self._end_discovery()
         if self._loop is not None:
             self._loop.remove()
+        if self._row is not None and self._pending:
+            self._pending -= 1
+            if self._sample is not None:
+                self._sample.drop_last()
         self._hooks, self._row = [], None
 
     def close(self) -> None:
@@ -305,7 +313,7 @@ class StatsRecorder:
             self._row = None
             return False
         self._row = self._rows[split].start_row(step)
-        self._last_axis = None
+        self._last_axis, self._calls = None, {}
         if split == "train":
             self._census_now = self._train_steps % self.census_every == 0
             self._train_steps += 1
@@ -329,6 +337,8 @@ class StatsRecorder:
             return  # a look without autograd inside a training step (a pre-flight check) is not the step
         i = self._index[id(module)]
         if i in self._seen:   # a later call of the module in this step: the first call is the recorded one
+            self._calls[i] = self._calls.get(i, 1) + 1
+            self._max_calls[i] = max(self._max_calls.get(i, 1), self._calls[i])
             return
         self._called[i] = True
         tensors = floating_tensors(output)
@@ -402,7 +412,7 @@ class StatsRecorder:
                                         "first_dead": float(first[0]), "steps": [u["steps"][0], u["steps"][-1]],
                                         "censuses": u["n"], "rule": self.rules[i].text}
         input_std = float(self._input_std) if self._input_std is not None else None
-        return {"output_module": self._output_module,
+        return {"output_module": self._output_module, "leaves": list(self._leaves),
                 "input_std": input_std if input_std is not None and np.isfinite(input_std) else None,
                 "order": [self.modules[i] for i in self._order],
                 "census": {"every": self.census_every, "window": CENSUS_WINDOW, "modules": modules}}
@@ -497,6 +507,12 @@ class StatsRecorder:
             return
         (split, r), K = self._block_start, self._pending
         rows = self._rows[split]
+        K = min(K, len(rows.steps) - r)  # never past the block (a step cut short by an exception)
+        if K <= 0:
+            self._pending = 0
+            if self._sample is not None:
+                self._sample.drop_all()
+            return
         if self._sample is not None:
             self._sample.summarise(rows.tensors[r:r + K], rows.hist[r:r + K])
         if split == "train":
@@ -551,6 +567,9 @@ class StatsRecorder:
         for i in range(len(self.modules)):
             if i in self._no_float:
                 notes.append(f"its output holds no floating-point tensor ({self._no_float[i]}): not summarised")
+            elif self._max_calls.get(i, 1) > 1:
+                notes.append(f"called {self._max_calls[i]} times in a step: only its first call is recorded "
+                             f"(give each use its own module to see them all)")
             elif not self._called[i]:
                 notes.append("not called in any recorded step")
             else:

@@ -141,10 +141,21 @@ class SampleBlock:
         self._filled[k][i] = size
         return size, n
 
+    def drop_last(self) -> None:
+        """Forget the open step (it was cut short)."""
+        if self.pending:
+            self.pending -= 1
+            self._whole = [(k, i) for k, i in self._whole if k < self.pending]
+
+    def drop_all(self) -> None:
+        """Forget every pending step."""
+        self.pending, self._whole = 0, []
+
     def summarise(self, out: torch.Tensor, hist_out: torch.Tensor) -> None:
         """Reduce the K' pending steps into `out` (K', N, 6) of collect.TENSOR_COLUMNS and `hist_out`
         (K', H, B+1), laid out as collect.abs_histogram does (non-finite count first); empty the block."""
-        K, H = self.pending, hist_out.shape[1]
+        K, H = min(self.pending, len(out)), hist_out.shape[1]
+        out, hist_out = out[:K], hist_out[:K]        # rows past the steps held stay "not measured" (NaN)
         x = self.values[:, :K]                       # (N, K', S)
         acts = x[:H]                                 # (H, K', S)
         a, dead = self._abs[:, :K], self._dead[:, :K]
@@ -164,7 +175,8 @@ class SampleBlock:
         out[:, :H, 5].copy_(hist[..., 0].transpose(0, 1))
         hist_out.copy_(hist.transpose(0, 1))
         for k, i in self._whole:                     # activations copied whole: their exact extremes
-            out[k, i, 2:4].copy_(self._extremes[:, k, i])
+            if k < K:
+                out[k, i, 2:4].copy_(self._extremes[:, k, i])
         self._whole.clear()
         self.pending = 0
 

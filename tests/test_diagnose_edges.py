@@ -1,0 +1,103 @@
+"""Diagnosis at the edges of what it sees: modules it does not watch, a module called several times, a
+model in eval mode, activations that cannot die, losses of odd shapes, weights that blow up at once."""
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import deepscope
+from deepscope.diagnose import diagnose, diagnose_run, problems
+from deepscope.errors import ConfigError
+from test_diagnose_fixtures import make_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+def loop(model, steps=40, lr=3e-3, train=True, loss_func=F.cross_entropy, targets=True):
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    batches = make_batches(n=640)
+    model.train(train)
+    with deepscope.watch(model, opt) as w:
+        for step in range(steps):
+            x, y = batches[step % len(batches)]
+            loss = loss_func(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss, targets=y if targets else None)
+    return w
+
+
+def test_watch_names_unwatched_modules_that_may_have_made_the_nan():
+    """The log layer has no parameters and is no activation, so watch does not watch it: the first watched
+    module to hold NaN is the ReLU after it, and the finding says which unwatched module ran before."""
+    model = nn.Sequential(nn.Linear(16, 32), Log(), nn.ReLU(), nn.Linear(32, 4))
+    found = loop(model, steps=5).findings()
+    (f,) = [f for f in found if f.kind == "nonfinite_forward"]
+    assert f.module == "2" and f.evidence["unwatched_before"] == ["1"] and "'1'" in f.message
+
+
+def test_a_module_called_several_times_is_noted_in_the_summary():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.relu = nn.Linear(16, 16), nn.Linear(16, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.fc2(self.relu(self.fc1(self.relu(x))))
+
+    analysis = loop(Shared(), steps=10).analysis()
+    assert "'relu' is called 2 times in a step: only its first call is recorded" in analysis.summary()
+
+
+def test_eval_mode_says_why_nothing_was_recorded():
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    analysis = loop(model, steps=10, train=False).analysis()
+    assert [f.kind for f in problems(analysis.findings)] == ["model_in_eval_mode"]
+    assert "the model was in eval mode at every step" in analysis.summary()
+
+
+def test_leaky_activations_are_said_to_be_unable_to_die():
+    model = nn.Sequential(nn.Linear(16, 32), nn.LeakyReLU(), nn.Linear(32, 4))
+    analysis = loop(model, steps=10).analysis()
+    assert "pass a gradient when off: their units cannot die" in analysis.summary()
+
+
+def test_watch_says_the_target_checks_need_targets():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    assert "needs targets= in w.step" in loop(model, steps=10, targets=False).analysis().summary()
+    assert "needs targets=" not in loop(model, steps=10).analysis().summary()
+
+
+def test_a_loss_of_several_values_is_a_clear_error_in_watch_and_a_finding_in_diagnose():
+    model = nn.Sequential(nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_batches()[0]
+    with deepscope.watch(model, opt) as w:
+        loss = F.cross_entropy(model(x), y, reduction="none")
+        loss.mean().backward()
+        opt.step()
+        with pytest.raises(ConfigError, match=rf"shape \({len(y)},\).*loss.mean\(\)"):
+            w.step(loss)
+    unreduced = diagnose(model, make_batches(), lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    assert [f.kind for f in problems(unreduced)] == ["exception"]  # backward() refuses it: quoted, no crash
+    one = diagnose(model, make_batches(), lambda out, t: F.cross_entropy(out, t).reshape(1))
+    assert problems(one) == []  # a (1,) loss is a loss
+
+
+def test_weights_that_blow_up_at_once_are_the_learning_rate_not_the_targets():
+    """SGD at lr 1e6: after one update the logits are ~1e37 and cross_entropy overflows from finite
+    outputs. The replay sees the huge outputs: the learning rate, not the targets or the loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    analysis = diagnose_run(model, make_batches(), lr=1e6, opt_func=torch.optim.SGD)
+    roots = [f for f in problems(analysis.findings) if not f.caused_by]
+    assert [f.kind for f in roots] == ["lr_too_high"], analysis.findings
+    assert all(f.caused_by == "lr_too_high" for f in problems(analysis.findings)[1:])
+    assert not any("ignore_index" in f.message for f in analysis.findings)
