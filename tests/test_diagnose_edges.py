@@ -101,3 +101,16 @@ def test_weights_that_blow_up_at_once_are_the_learning_rate_not_the_targets():
     assert [f.kind for f in roots] == ["lr_too_high"], analysis.findings
     assert all(f.caused_by == "lr_too_high" for f in problems(analysis.findings)[1:])
     assert not any("ignore_index" in f.message for f in analysis.findings)
+
+
+@pytest.mark.parametrize("loss, bad", [
+    (lambda o, t: F.nll_loss(torch.log(F.softmax(o, dim=0)), t), True),   # over the batch, in the loss
+    (lambda o, t: F.nll_loss(o.log_softmax(0), t), True),
+    (lambda o, t: F.nll_loss(F.log_softmax(o, dim=-1), t), False),         # over the classes: fine
+    (lambda o, t: F.nll_loss(torch.log_softmax(o, 1), t), False),
+])
+def test_a_softmax_over_the_batch_inside_the_loss_is_found(loss, bad):
+    from test_diagnose_fixtures import healthy_mlp
+
+    kinds = [f.kind for f in problems(diagnose(healthy_mlp(), make_batches(), loss))]
+    assert (kinds == ["softmax_wrong_dim"]) == bad and (kinds == []) == (not bad), kinds

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..hooks import Hooks, select_modules
 from ..norms import BatchNorm
@@ -78,6 +79,28 @@ def last_batch_size(data) -> int | None:
     return n % bs or (bs if n else None)
 
 
+class SoftmaxAxes(TorchFunctionMode):
+    """While active, notes whether a softmax or log_softmax is taken over dim 0 of a (N, C, ...) tensor
+    whose N is the batch size: the batch axis, inside a hand-written loss (F.nll_loss(F.log_softmax(out,
+    dim=0), y)), where no module's output shows it. Only the pre-flight look's one loss call runs under it."""
+
+    _FUNCS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.Tensor.softmax,
+              torch.Tensor.log_softmax}
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size, self.over_batch = batch_size, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._FUNCS and args and isinstance(args[0], torch.Tensor):
+            t, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if isinstance(dim, int) and t.dim() >= 2 and self.batch_size >= 2 and t.shape[0] == self.batch_size \
+                    and dim % t.dim() == 0:
+                self.over_batch = getattr(func, "__name__", "softmax")
+        return func(*args, **kwargs)
+
+
 def inspect_setup(model: nn.Module, x, y, loss_func, data=None) -> SetupRecord:
     """Record the set-up's numbers; an exception in the forward pass or the loss is recorded, not raised."""
     rec = SetupRecord(loss_kind=loss_kind(loss_func), batch_size=len(x) if hasattr(x, "__len__") else 0,
@@ -100,7 +123,9 @@ def inspect_setup(model: nn.Module, x, y, loss_func, data=None) -> SetupRecord:
             _describe_output(rec, out)
             rec.out_module = last[0] if last and last[1] is out else ""
             stage = "loss"
-            loss = loss_func(out, y)
+            with SoftmaxAxes(len(x) if hasattr(x, "__len__") else 0) as axes:
+                loss = loss_func(out, y)
+            rec.loss_softmax_over_batch = axes.over_batch
             if isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and isinstance(loss, torch.Tensor):
                 rec.loss_pairs = pairing_of(loss, loss_pairing(out, y))
     except Exception as e:  # noqa: BLE001 - a broken model or loss is what we are here to report

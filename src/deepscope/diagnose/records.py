@@ -44,3 +44,4 @@ class SetupRecord:
     weights: list[LayerWeight] = field(default_factory=list)  # in registration order
     batchnorms: list[str] = field(default_factory=list)  # BatchNorm modules in training mode
     error: dict | None = None  # {"where", "type", "message"} when the forward pass or the loss raised
+    loss_softmax_over_batch: str | None = None  # "softmax"/"log_softmax" taken over dim 0 inside the loss

@@ -129,6 +129,15 @@ def check_loss_shapes(rec: SetupRecord) -> list[Finding]:
 def check_softmax_dim(rec: SetupRecord) -> list[Finding]:
     """softmax_wrong_dim: outputs normalised over the batch (dim 0), each column a distribution, while the
     rows (the classes of one example) are not: softmax(x, dim=0) where dim=1 (or -1) was meant."""
+    inside = rec.loss_softmax_over_batch
+    if inside:
+        return [Finding("softmax_wrong_dim", "", "error",
+                        f"The loss function takes a {inside} over the batch (dim 0 of the {rec.out_shape[0] if rec.out_shape else 'N'} "
+                        f"examples): each example's probabilities depend on the other examples in its batch, and "
+                        f"the classes of one example do not form a distribution.",
+                        f"Take the {inside} over the classes in the loss: {inside}(x, dim=1) (or dim=-1), never "
+                        f"dim=0; or use F.cross_entropy on the raw logits.",
+                        {"where": "loss function", "function": inside})]
     if rec.out_col_sum_dev is None or rec.out_row_sum_dev is None or rec.out_min is None:
         return []
     tol = PROBABILITY_TOLERANCE
