@@ -17,7 +17,7 @@ from deepscope.cli import main as deepscope
 from deepscope.stats import load_stats
 
 COMMON = ["--opt", "ds_sgd", "--lr", "0.6", "--schedule", "constant", "--batch-size", "1024", "--epochs", "2",
-          "--nfs", "8", "16", "32", "64", "--stats-every", "1", "--overwrite"]
+          "--nfs", "8", "16", "32", "64", "--stats-every", "1", "--threads", "2", "--overwrite"]
 RUNS = {"plain-high-lr": ["--norm", "none"], "kaiming-bn": ["--norm", "batch", "--init", "kaiming"]}
 ACTS = ["block1.act", "block2.act", "block3.act"]
 
