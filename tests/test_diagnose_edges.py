@@ -114,3 +114,97 @@ def test_a_softmax_over_the_batch_inside_the_loss_is_found(loss, bad):
 
     kinds = [f.kind for f in problems(diagnose(healthy_mlp(), make_batches(), loss))]
     assert (kinds == ["softmax_wrong_dim"]) == bad and (kinds == []) == (not bad), kinds
+
+
+def regression_loop(lr, steps=128, bs=32):
+    torch.manual_seed(0)
+    x = torch.randn(2048, 8)
+    y = x @ torch.randn(8) + 0.1 * torch.randn(2048)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    with deepscope.watch(model, opt) as w:
+        for step in range(steps):
+            i = (step * bs) % 2048
+            loss = F.mse_loss(model(x[i:i + bs]).squeeze(1), y[i:i + bs])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss, targets=y[i:i + bs])
+    return w
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1e-3, 3e-3])
+def test_batch_noise_of_a_regression_loss_is_not_a_spike(lr):
+    """A small-batch MSE swings 2-4x from batch to batch while it trains: no lr_too_high for that."""
+    assert problems(regression_loop(lr).findings()) == []
+
+
+def test_a_real_spike_still_stands_out_of_the_noise():
+    w = regression_loop(0.5)
+    assert "lr_too_high" in {f.kind for f in problems(w.findings())}
+
+
+def test_an_empty_batch_does_not_break_the_users_loop():
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = make_batches()
+    x, y = batches[0]
+    batches.insert(2, (x[:0], y[:0]))
+    with deepscope.watch(model, opt) as w:
+        for xb, yb in batches:
+            loss = F.cross_entropy(model(xb), yb) if len(xb) else model(xb).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss)
+    assert len(w.stats().steps) == len(batches)
+
+
+def test_nan_in_the_data_is_blamed_on_the_data_in_watch_too():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batches = make_batches(n=1024)
+    batches[5][0][3, 2] = float("nan")
+    with deepscope.watch(model, opt) as w:
+        for xb, yb in batches:
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss, targets=yb)
+    (f,) = [f for f in w.findings() if f.kind == "nonfinite_forward"]
+    assert (f.module, f.evidence["step"], f.evidence["data"]) == ("", 5, True) and "input batch" in f.message
+
+
+def test_a_dict_output_says_which_output_checks_it_could_not_run():
+    class Dict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return {"logits": self.fc(x)}
+
+    w = loop(Dict(), steps=5, loss_func=lambda out, t: F.cross_entropy(out["logits"], t))
+    assert "the model returns a dict" in w.analysis().summary()
+
+
+def test_gradient_accumulation_and_a_replay_are_not_modules_called_twice():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with deepscope.watch(model, opt) as w:
+        for i, (xb, yb) in enumerate(make_batches(n=512)):
+            F.cross_entropy(model(xb), yb).div(4).backward()
+            if i % 4 == 3:  # four micro-batches per update
+                opt.step()
+                opt.zero_grad()
+    assert "called" not in w.analysis().summary()
+    nan_model = nn.Sequential(nn.Linear(16, 32), Log(), nn.ReLU(), nn.Linear(32, 4))
+    assert "called" not in diagnose_run(nan_model, make_batches()).summary()  # the replay is not the step
+
+
+def test_batches_with_more_than_x_and_y_are_diagnosed():
+    from test_diagnose_fixtures import healthy_mlp
+
+    batches = [(x, y, torch.arange(len(x))) for x, y in make_batches()]
+    assert problems(diagnose(healthy_mlp(), batches)) == []

@@ -75,9 +75,29 @@ def test_training_in_eval_mode(arch, one_thread):
     assert f.evidence["eval_updates"] == f.evidence["updates"] == 6
 
 
-def test_the_lstm_in_eval_mode_is_the_model_in_eval_mode(one_thread):
-    f = train("lstm", eval_mode=True)["model_in_eval_mode"]
-    assert "the model" in f.message
+def test_eval_mode_that_changes_nothing_is_not_a_finding(one_thread):
+    """This LSTM net has no BatchNorm, Dropout or dropout between LSTM layers: in eval mode it computes what
+    it would in train mode, so training it that way is no bug."""
+    assert "model_in_eval_mode" not in train("lstm", eval_mode=True)
+
+
+def test_frozen_batchnorm_in_eval_mode_is_deliberate_and_dropout_is_not(one_thread):
+    from deepscope.stats.loop import LoopObserver
+
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+    model = nn.Sequential(backbone, nn.Dropout(0.5), nn.Linear(8, 2))
+    backbone.requires_grad_(False)
+    backbone.eval()                      # fine-tuning a frozen backbone: its statistics are frozen on purpose
+    observer = LoopObserver(model)
+    observer.on_update()
+    assert observer.observations()["eval_updates"] == 0
+    model[1].eval()                      # Dropout off while training: a bug
+    observer.on_update()
+    assert observer.observations()["eval_modules"] == ["1"]
+    model.eval()                         # the whole model, Dropout included
+    fresh = LoopObserver(model)
+    fresh.on_update()
+    assert fresh.observations()["eval_modules"] == ["", "1"]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -110,6 +130,11 @@ def test_gradient_explosion_on_plain_arrays():
     assert check_gradient_explosion(["a"], steps, np.c_[np.r_[np.ones(5), np.logspace(0, 5, 25), np.full(10, np.nan)]])
     # flat, then NaN at once: a NaN made elsewhere (a module's forward, the loss), which the NaN checks report
     assert check_gradient_explosion(["a"], steps, np.c_[np.r_[np.ones(30), np.full(10, np.nan)]]) == []
+    # a burst: one step at 5,000x the early level (a recurrent net without clipping), back to normal after
+    burst = np.ones(40)
+    burst[30] = 5000.0
+    (b,) = check_gradient_explosion(["gru"], steps, np.c_[burst])
+    assert b.module == "gru" and b.evidence["late_norm"] == 5000.0
     # tiny gradients of a collapsed network growing back are not an explosion (below GRAD_EXPLOSION_FLOOR)
     assert check_gradient_explosion(["a"], steps, np.c_[np.logspace(-11, -7, 40)]) == []
 

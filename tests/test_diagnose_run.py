@@ -247,8 +247,11 @@ def test_exceptions_become_findings():
     assert f.kind == "exception"
     (f,) = diagnose(healthy_mlp(), [])
     assert f.kind == "exception" and f.evidence["where"] == "data"
-    (f,) = found(diagnose(nn.Flatten(), make_batches()), "exception")  # no parameters to optimise
-    assert f.evidence["where"] == "optimizer" and "empty parameter list" in f.message
+    (f,) = found(diagnose(nn.Flatten(), make_batches()), "exception")  # no parameters to train
+    assert f.evidence["where"] == "model" and "no parameter with requires_grad=True" in f.message
+    frozen = healthy_mlp().requires_grad_(False)
+    (f,) = found(diagnose(frozen, make_batches()), "exception")
+    assert "no parameter with requires_grad=True" in f.message and "requires_grad_(True)" in f.fix
 
 
 # --- init, gradients, learning rate --------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class Watch:
         self._targets: torch.Tensor | None = None
         self._n_outputs: int | None = None
         self._output_check: torch.Tensor | None = None  # see _after_forward
+        self._output_kind: str | None = None
         self._output_shape: tuple = ()
         self._first_output: torch.Tensor | None = None  # the first training output, until the first w.step
         self._loss_check: tuple | None = None  # see _check_loss_shapes
@@ -67,11 +68,14 @@ class Watch:
         self.steps, self._open, self._manual, self._losses, self._targets = 0, False, False, LossLog(), None
         self._n_outputs, self._output_check = None, None
         self._first_output, self._loss_check, self._shapes_checked = None, None, False
+        self._output_kind: str | None = None  # what the model's first training forward returned
         self.recorder.attach()
         self.recorder.before_forward = self._begin_step  # for a submodule called on its own
         try:
             # the model's own call opens the step before anything inside it runs
-            self._handles.append(self.model.register_forward_pre_hook(lambda m, inputs: self._begin_step(m)))
+            # (prepended: it runs before the engine's own look at the model's input, which needs the step open)
+            self._handles.append(self.model.register_forward_pre_hook(lambda m, inputs: self._begin_step(m),
+                                                                      prepend=True))
             self._handles.append(self.model.register_forward_hook(self._after_forward))
             if self.optimizer is not None:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._before_update))
@@ -108,6 +112,8 @@ class Watch:
             self._open = True
 
     def _after_forward(self, module, inputs, output) -> None:
+        if self._output_kind is None and module.training and torch.is_grad_enabled():
+            self._output_kind = "tensor" if isinstance(output, torch.Tensor) else type(output).__name__
         if (not self._shapes_checked and self._first_output is None and isinstance(output, torch.Tensor)
                 and module.training and torch.is_grad_enabled()):
             self._first_output = output.detach()  # its shape is compared with the targets' at the first w.step
@@ -195,6 +201,9 @@ class Watch:
         steps, and those that could not and why; `.summary()` says it in a line."""
         checked = ["the first training output's softmax axis"] if self._output_check is not None else []
         skipped = []
+        if self._output_kind not in (None, "tensor"):
+            skipped.append(("the output's softmax axis and shape", f"the model returns a {self._output_kind}: "
+                            "these look at a tensor output only"))
         if self._loss_check is not None:
             checked.append("prediction and target shapes")
         elif self._targets is None:

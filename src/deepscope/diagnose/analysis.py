@@ -59,8 +59,8 @@ def _steps(r: Record) -> int:
 def _no_rows(stats) -> str:
     """Why a record holds no training step."""
     obs = stats.observations or {}
-    if obs.get("updates") and obs.get("eval_updates") == obs.get("updates"):
-        return "no training step was recorded: the model was in eval mode at every step"
+    if obs.get("updates") and obs.get("model_eval_updates", obs.get("eval_updates")) == obs.get("updates"):
+        return "no training step was recorded: the model was in eval mode at every step (call model.train())"
     return "no training step was recorded"
 
 
@@ -79,7 +79,7 @@ def _needs_losses(min_steps: int):
     def why(r: Record) -> str:
         n = len(finite_prefix(r.losses)) if r.losses else 0
         if not r.losses:
-            return "no losses were recorded (pass the loss to w.step)"
+            return "no training loss was recorded"
         return f"needs {min_steps} steps, saw {n}" if n < min_steps and n == len(r.losses) else ""
     return why
 

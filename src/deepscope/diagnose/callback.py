@@ -1,6 +1,7 @@
 """`Diagnose`: the findings of `diagnose()` and `deepscope doctor`, collected during a real fit."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ class Diagnose(Callback):
     # --- the step ----------------------------------------------------------------------------------------
     def before_batch(self, learn) -> None:
         batch = learn.batch
-        if learn.training and self._setup is None and isinstance(batch, (tuple, list)) and len(batch) == 2:
+        if learn.training and self._setup is None and isinstance(batch, (tuple, list)) and len(batch) >= 2:
             # Once per fit: the pre-flight checks on this model and its first batch (eval mode, no grad).
             self._setup = inspect_setup(learn.model, batch[0], batch[1], learn.loss_func, learn.dl)
         if learn.training and self.replay and not self._replayed:
@@ -103,8 +104,13 @@ class Diagnose(Callback):
         if bool(torch.stack(checks).all()):  # the one read-back per step
             return
         kind = self._setup.loss_kind if self._setup is not None else None
-        self._replayed = locate_nonfinite(learn.model, learn.batch, learn.loss_func, step=learn.train_iter,
-                                          rng_state=self._rng, loss_kind=kind, save_dir=self.save_dir) or \
+        stats_cb = self._stats_cb(learn)
+        paused = stats_cb.recorder.paused() if stats_cb is not None and stats_cb.recorder is not None \
+            else contextlib.nullcontext()
+        with paused:  # the replay's forward and backward are not the step's
+            found = locate_nonfinite(learn.model, learn.batch[:2], learn.loss_func, step=learn.train_iter,
+                                     rng_state=self._rng, loss_kind=kind, save_dir=self.save_dir)
+        self._replayed = found or \
             [Finding("diverged", "", "error", f"The loss or the gradients became NaN/Inf at step {learn.train_iter}, "
                      "but replaying the step with the same weights, batch and random state gave finite values: "
                      "something outside the model's forward and backward made them (a callback changing the "

@@ -95,6 +95,8 @@ CAUSES: dict[str, tuple[str, ...]] = {
     # an (N, 1) prediction against (N,) targets is one bug, reported from the loss's side and the targets';
     # the loss of all pairs, not the intended one, also moves oddly
     "loss_shape_mismatch": ("target_mismatch", "lr_too_high", "not_learning"),
+    # targets of a dtype or shape the loss refuses: the exception it raised is the same problem, quoted
+    "target_mismatch": ("exception",),
     # a softmax over the batch: the loss is not the one of a classifier, so ln(classes) is not its chance level
     "softmax_wrong_dim": ("not_learning", "lr_too_high"),
     # raw-scale inputs: the first layers' outputs are far from the input's scale, and steps overshoot

@@ -16,6 +16,7 @@ from .thresholds import (
     DEAD_VALUES_WARNING, HISTORY_MIN_POINTS, HISTORY_TAIL_MIN, LOSS_RISE_ERROR, LOSS_SPIKE_RATIO,
     NOT_LEARNING_DROP, NOT_LEARNING_MIN_STEPS, GRAD_EXPLOSION_ONSET, GRAD_EXPLOSION_RATIO, LOSS_FLAT_CHANGE,
     LOSS_RISE_WARNING, LR_LOW_UPDATE_RATIO, LR_MIN_POINTS, LR_WINDOW, CHANCE_RETURN_MIN_STEPS, GRAD_EXPLOSION_FLOOR,
+    SPIKE_NOISE_MULTIPLE,
 )
 
 _FIX_DIVERGED = ("Lower the learning rate (3-10x; an LR finder shows the usable range) or warm it up; add "
@@ -157,7 +158,11 @@ def check_loss_history(losses: list[float], n_classes: int | None = None) -> lis
                             _FIX_DIVERGED,
                             {**evidence, "n_classes": n_classes, "chance_loss": chance, "lowest_loss": low,
                              "steps_at_chance": longest, "back_at_chance_from": where})]
-    if start > 0 and peak > start * LOSS_SPIKE_RATIO:
+    # batch-to-batch noise: the median change between consecutive losses. A small-batch regression loss
+    # swings 2x from one batch to the next while training fine; an overshoot stands far out of that noise
+    noise = float(np.median(np.abs(np.diff(v)))) if len(v) > 1 else 0.0
+    evidence["batch_noise"] = noise
+    if start > 0 and peak > start * LOSS_SPIKE_RATIO and peak - start > SPIKE_NOISE_MULTIPLE * noise:
         return [Finding("lr_too_high", "", "error" if peak > start * LOSS_RISE_ERROR else "warning",
                         f"The training loss spiked from {start:.4g} to {peak:.4g} ({peak / start:.3g}x) at step {at} "
                         f"(threshold {LOSS_SPIKE_RATIO:g}x) and ended at {final:.4g}: a step overshot.",
@@ -239,7 +244,9 @@ def check_early_rise(losses: list[float]) -> list[Finding]:
     if len(finite) < LR_MIN_POINTS or len(finite) < len(window):
         return []
     first, last = _quarters(finite)
-    if first > 0 and last > first * LOSS_RISE_WARNING:
+    q = max(1, len(finite) // 4)
+    spread = float(np.std(finite[:q]) + np.std(finite[-q:])) / math.sqrt(q)  # standard error of the two means
+    if first > 0 and last > first * LOSS_RISE_WARNING and last - first > 3 * spread:
         return [Finding("lr_too_high", "", "error" if last > first * LOSS_RISE_ERROR else "warning",
                         f"The loss went up from {first:.4g} to {last:.4g} ({last / first:.2f}x) over the first "
                         f"{len(finite)} steps instead of down: the steps overshoot.",
@@ -303,6 +310,8 @@ def check_gradient_explosion(param_modules: list[str], steps: np.ndarray, grad_n
             late = np.nanmax(series[-tail:]) if ended_in_nan else np.nanmedian(series[-tail:])
         if not (np.isfinite(early) and early > 0):
             continue
+        # a transient burst (one step's norm 1,000x the early level) is an explosion too, clipped or not
+        late = max(late, float(np.nanmax(series)))
         if late >= GRAD_EXPLOSION_RATIO * early and late >= GRAD_EXPLOSION_FLOOR:
             exploding.append((name, early, late))
             above = np.flatnonzero(series > GRAD_EXPLOSION_ONSET * early)
@@ -316,7 +325,7 @@ def check_gradient_explosion(param_modules: list[str], steps: np.ndarray, grad_n
     also = f"; then in {', '.join(repr(o) for o in others[:4])}" if others else ""
     growth = f"{late / early:.3g}x" if np.isfinite(late) else "to NaN/inf"
     return [Finding("gradient_explosion", name, "error",
-                    f"The gradient norm of {name!r} grew {growth} over the run (from {early:.3g} early on), "
+                    f"The gradient norm of {name!r} reached {growth} its early level ({late:.3g}, from {early:.3g}), "
                     f"passing {GRAD_EXPLOSION_ONSET:g}x its early level first, at step {at}{also}.",
                     "Clip the gradient norm (deepscope.GradClip / torch.nn.utils.clip_grad_norm_), lower the "
                     "learning rate, and for recurrent layers use LSTM/GRU or a smaller recurrent-weight init.",

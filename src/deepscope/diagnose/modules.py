@@ -208,6 +208,12 @@ def check_nonfinite_counts(stats, losses: list[float]) -> list[Finding]:
     module after it; replaying the step (`replay.locate_nonfinite`) names the producer exactly."""
     first = first_nonfinite(stats)
     bad_loss = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    bad_input = _structure(stats).get("first_nonfinite_input")
+    if bad_input is not None and (first is None or bad_input <= first["step"]):
+        return [Finding("nonfinite_forward", "", "error",
+                        f"The input batch at step {bad_input} contains NaN or Inf values (the model's input, before "
+                        f"any module).", "Clean the data: find the items where torch.isfinite(x) is False.",
+                        {"step": bad_input, "data": True, "source": "per-step counts"})]
     if first is not None and first["where"] == "backward" and bad_loss is not None and bad_loss <= first["step"]:
         first = None  # the loss was non-finite first: its gradient is what the backward pass carried
     fix_fwd = ("Guard the operation that can overflow or leave its domain there (log/sqrt/div of values that can be "

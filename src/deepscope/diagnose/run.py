@@ -110,11 +110,15 @@ def _diagnose(model, data, loss_func, steps, lr, opt_func, save_dir) -> Analysis
     try:
         if iter(batches) is batches:  # a one-shot iterator: keep the batches we use so they can be replayed
             batches = list(itertools.islice(batches, steps))
-        x, y = next(iter(batches))
+        first = next(iter(batches))
+        x, y = first[0], first[1]  # (x, y, anything else): the Learner trains on the first two
     except StopIteration:
         return failed({"where": "data", "type": "StopIteration", "message": "the data yields no batches"})
     except Exception as e:  # noqa: BLE001 - broken data is a finding
         return failed(_error("data", e))
+    if not any(p.requires_grad for p in model.parameters()):
+        return failed({"where": "model", "type": "ValueError",
+                       "message": "the model has no parameter with requires_grad=True, so training cannot change it"})
     try:
         probe_model = copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001

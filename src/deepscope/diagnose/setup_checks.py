@@ -23,6 +23,7 @@ _EXCEPTION_FIXES = {
     "backward": "Check the loss is a scalar connected to the parameters, and custom autograd Functions' backward.",
     "step": "Check the optimizer and any callback that changes parameters.",
     "optimizer": "Check opt_func, and that the model has trainable parameters.",
+    "model": "Unfreeze the layers you mean to train (model.requires_grad_(True), or those layers only).",
 }
 
 

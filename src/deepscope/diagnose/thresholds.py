@@ -88,6 +88,10 @@ DEAD_VALUES_ERROR = 0.99
 # A single training loss above 1.5x the first one is a spike: the first loss of a classifier is ~ln(C),
 # chance level, so above 1.5x the model is confidently wrong: a step overshot. 2x is LOSS_RISE_ERROR.
 LOSS_SPIKE_RATIO = 1.5
+# ...and the rise must stand out of the batch-to-batch noise: above this many times the median change
+# between consecutive losses. A regression on batches of 32 swings 2x between batches while it trains well
+# (median change ~25% of the loss); a diverging step rises 100x more than its neighbours.
+SPIKE_NOISE_MULTIPLE = 10.0
 # The loss "ends at chance" when the end of the run is no lower than ln(n_classes) minus 3%: the batch
 # noise of a loss that has stopped moving is ~1% at batch size 1024 and a few % on small batches.
 CHANCE_TOLERANCE = 0.03

@@ -27,8 +27,9 @@ that receives one.
 """
 from __future__ import annotations
 
-import weakref
+import contextlib
 import fnmatch
+import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -187,10 +188,14 @@ class StatsRecorder:
         self._units, self._census_now, self._train_steps, self._last_axis = {}, False, 0, None
         self._output_module, self._input_std, self._order = None, None, []
         self._calls, self._max_calls = {}, {}  # calls of a module in this recorded step; the most in any
+        self._model_calls = self._max_model_calls = 0  # forward passes of the model in this step; the most in any
+        self._paused = False
         # every leaf module in registration order (bounded), to say which unwatched ones ran near a watched one
         self._leaves = [n for n, m in self.model.named_modules() if next(m.children(), None) is None][:1000]
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        # the first recorded training step whose model input held NaN/Inf (-1: none), kept on the device
+        self._first_bad_input = torch.full((), -1, dtype=torch.long, device=device)
         M = len(self.modules)
         # Recorded steps are summarised in blocks of up to 8 (fewer if samples would pass ~16 MB), all
         # modules and steps of a block at once: a launch costs tens of microseconds on a CPU just after
@@ -219,6 +224,7 @@ class StatsRecorder:
         # is watched by a tensor hook that _on_forward registers when the step is recorded (hooks.py says
         # why tensor hooks), so steps that are not recorded cost one Python call per module.
         self._hooks = [Hooks(chosen, self._on_forward)]
+        self._input_handle = self.model.register_forward_pre_hook(self._on_model_input)
         self._invisible, self._discovery_tries = None, 0  # found again in the first recorded training step
         self._loop = LoopObserver(self.model)
         self._loop.attach()
@@ -274,11 +280,37 @@ class StatsRecorder:
         first recorded training step; "" is the model itself. Watch one by name to see its output."""
         return list(self._invisible or [])
 
+    def _on_model_input(self, model: nn.Module, inputs: tuple) -> None:
+        """The model's own forward begins: count it, and note (on the device) the first recorded training
+        step whose input holds NaN/Inf, so a NaN from the data is not blamed on the first layer."""
+        if self._row is None or self._split != "train" or self._paused or not torch.is_grad_enabled():
+            return
+        self._model_calls += 1
+        self._max_model_calls = max(self._max_model_calls, self._model_calls)
+        x = [t for t in floating_tensors(inputs) if t.numel()]
+        if x and self._model_calls == 1:
+            bad = ~torch.isfinite(x[0].detach()).all()
+            step = int(self._rows["train"].steps[self._row])
+            first = self._first_bad_input
+            self._first_bad_input = torch.where(bad & (first < 0), torch.full_like(first, step), first)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Nothing that runs inside is recorded (a replay of the step, a look that is not training)."""
+        was, self._paused = self._paused, True
+        try:
+            yield self
+        finally:
+            self._paused = was
+
     def remove(self) -> None:
         """Remove the hooks (idempotent); what was recorded stays available. A step still open (an
         exception or a Ctrl-C in its middle) is dropped: its row was never finished."""
         for hooks in self._hooks:
             hooks.remove()
+        if getattr(self, "_input_handle", None) is not None:
+            self._input_handle.remove()
+            self._input_handle = None
         self._end_discovery()
         if self._loop is not None:
             self._loop.remove()
@@ -313,7 +345,7 @@ class StatsRecorder:
             self._row = None
             return False
         self._row = self._rows[split].start_row(step)
-        self._last_axis, self._calls = None, {}
+        self._last_axis, self._calls, self._model_calls = None, {}, 0
         if split == "train":
             self._census_now = self._train_steps % self.census_every == 0
             self._train_steps += 1
@@ -333,7 +365,7 @@ class StatsRecorder:
             self.before_forward(module)
         if self._row is None:
             return
-        if self._split == "train" and not torch.is_grad_enabled():
+        if self._paused or (self._split == "train" and not torch.is_grad_enabled()):
             return  # a look without autograd inside a training step (a pre-flight check) is not the step
         i = self._index[id(module)]
         if i in self._seen:   # a later call of the module in this step: the first call is the recorded one
@@ -341,9 +373,9 @@ class StatsRecorder:
             self._max_calls[i] = max(self._max_calls.get(i, 1), self._calls[i])
             return
         self._called[i] = True
-        tensors = floating_tensors(output)
+        tensors = [t for t in floating_tensors(output) if t.numel()]  # an empty batch's outputs: nothing to summarise
         if not tensors:
-            if i not in self._no_float:
+            if i not in self._no_float and not floating_tensors(output):
                 self._no_float[i] = _dtype_of(output)
             return
         self._seen.add(i)
@@ -412,7 +444,9 @@ class StatsRecorder:
                                         "first_dead": float(first[0]), "steps": [u["steps"][0], u["steps"][-1]],
                                         "censuses": u["n"], "rule": self.rules[i].text}
         input_std = float(self._input_std) if self._input_std is not None else None
-        return {"output_module": self._output_module, "leaves": list(self._leaves),
+        first_bad = int(self._first_bad_input)
+        return {"output_module": self._output_module, "first_nonfinite_input": first_bad if first_bad >= 0 else None,
+                "leaves": list(self._leaves),
                 "input_std": input_std if input_std is not None and np.isfinite(input_std) else None,
                 "order": [self.modules[i] for i in self._order],
                 "census": {"every": self.census_every, "window": CENSUS_WINDOW, "modules": modules}}
@@ -445,6 +479,9 @@ class StatsRecorder:
         self._parts = {}
 
     def _put_gradient(self, j: int, grads: list[torch.Tensor]) -> None:
+        grads = [g for g in grads if g.numel()]
+        if not grads:
+            return
         rows, r = self._rows["train"], self._row
         if self._sample is not None:
             kept, total = self._sample.put(j, grads)
@@ -567,7 +604,7 @@ class StatsRecorder:
         for i in range(len(self.modules)):
             if i in self._no_float:
                 notes.append(f"its output holds no floating-point tensor ({self._no_float[i]}): not summarised")
-            elif self._max_calls.get(i, 1) > 1:
+            elif self._max_calls.get(i, 1) > max(1, self._max_model_calls):
                 notes.append(f"called {self._max_calls[i]} times in a step: only its first call is recorded "
                              f"(give each use its own module to see them all)")
             elif not self._called[i]:

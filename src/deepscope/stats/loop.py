@@ -17,9 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Modules whose eval mode changes what training computes (running statistics instead of the batch's;
-# no dropout): an update taken with one of them in eval mode trains a different model than intended.
-MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 # Class targets: the first 512 batches are observed (shuffling shows in the first dozens); labels are
 # counted modulo 1024 slots, so more classes than that share slots (counts stay consistent run-wide).
 LABEL_BATCHES = 512
@@ -33,6 +30,7 @@ class LoopObserver:
         self.model = model
         self.updates = 0
         self.eval_updates = 0
+        self.model_eval_updates = 0
         self.eval_modules: list[str] = []         # modules found in eval mode at an update (first seen)
         self.not_in_optimizer: list[str] | None = None  # modules with such parameters; None: not checked
         self._handle = None
@@ -73,8 +71,16 @@ class LoopObserver:
     def on_update(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """An optimiser step is about to update the weights (gradients final)."""
         self.updates += 1
+        self.model_eval_updates += not self.model.training  # watch records training-mode forwards only
+        # Only modules whose eval mode changes the computation count: Dropout, and BatchNorm with trainable
+        # parameters (one whose parameters are all frozen, left in eval mode, is a backbone frozen on purpose).
+        # A model in eval mode without such modules trains as it would in train mode.
         off = [name for name, m in self.model.named_modules() if not m.training and
-               (m is self.model or isinstance(m, MODE_SENSITIVE))]
+               (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 or
+                isinstance(m, nn.RNNBase) and m.dropout > 0 or
+                isinstance(m, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters()))]
+        if off and not self.model.training:
+            off = ["", *off]  # the whole model: say so first
         if off:
             self.eval_updates += 1
             self.eval_modules = self.eval_modules or off[:8]
@@ -123,6 +129,7 @@ class LoopObserver:
     def observations(self) -> dict:
         """The counts so far (one read-back for the leftover-gradient count, one for the class targets)."""
         return {"updates": self.updates, "eval_updates": self.eval_updates, "eval_modules": list(self.eval_modules),
+                "model_eval_updates": self.model_eval_updates,
                 "not_in_optimizer": self.not_in_optimizer,
                 "gradient_checks": self._checked,
                 "stale_gradients": int(self._stale.item()) if self._stale is not None else 0,
