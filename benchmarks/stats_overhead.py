@@ -46,6 +46,7 @@ from deepscope.learner import Learner
 from deepscope.models import cnn
 from deepscope.stats import ActivationStats, HistoryStore
 from deepscope.stats.collect import activation_stats, flat, gradient_stats
+from deepscope.dead import off_rule
 from deepscope.stats.engine import DEAD_THRESHOLD, MERGE, STD_OF
 
 VOCAB, SEQ, TEXT_BATCH, N_CLASSES = 1000, 32, 64, 10
@@ -198,7 +199,9 @@ def exact_profile(batch: tuple, device: torch.device, repeats: int = 5) -> tuple
     torch.manual_seed(0)
     model = default_cnn().to(device, memory_format=torch.channels_last)
     outputs: list[torch.Tensor] = []
-    hooks = Hooks(select_modules(model), lambda hook, m, i, out: outputs.append(out))
+    chosen = select_modules(model)
+    rules = [off_rule(m, DEAD_THRESHOLD) for _, m in chosen]  # each module's own off rule, as the engine uses
+    hooks = Hooks(chosen, lambda hook, m, i, out: outputs.append(out))
     xb, yb = (t.to(device) for t in batch)
     loss = F.cross_entropy(model(xb.contiguous(memory_format=torch.channels_last)), yb)
     hooks.remove()
@@ -207,8 +210,8 @@ def exact_profile(batch: tuple, device: torch.device, repeats: int = 5) -> tuple
     out, hist = torch.zeros(6, device=device), torch.zeros(41, device=device)
 
     def reduce_all() -> None:
-        for x, g in zip(values, grads):
-            activation_stats(x, DEAD_THRESHOLD, (0.0, 10.0), out, hist)
+        for x, g, rule in zip(values, grads, rules):
+            activation_stats(x, rule, (0.0, 10.0), out, hist)
             gradient_stats(g, out)
 
     reduce_all()  # warm up
