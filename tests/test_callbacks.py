@@ -212,3 +212,25 @@ def test_cosine_schedule_and_the_recorder_plots_it():
     assert list(fig.axes[0].lines[0].get_ydata()) == lrs
     fig = recorder.plot_loss()
     assert list(fig.axes[0].lines[0].get_ydata()) == recorder.losses
+
+
+class FakeClock:
+    """(wall, cpu) seconds: each call advances the wall clock by `wall` and the CPU clock by `cpu`."""
+
+    def __init__(self, wall, cpu):
+        self.wall, self.cpu, self.now = wall, cpu, (0.0, 0.0)
+
+    def __call__(self):
+        self.now = (self.now[0] + self.wall, self.now[1] + self.cpu)
+        return self.now
+
+
+@pytest.mark.parametrize("cpu, hinted", [(0.5, True), (5.0, False)])
+def test_a_busy_machine_gets_one_hint_per_fit(cpu, hinted, one_thread):
+    """10 s of wall time per epoch with 0.5 s of CPU on one thread: other processes had the core."""
+    out = io.StringIO()
+    make([MetricsCallback(), ProgressCallback(bars=False, file=out, clock=FakeClock(10.0, cpu))]).fit(3)
+    text = out.getvalue()
+    assert text.count("hint: this epoch took") == (1 if hinted else 0)
+    if hinted:
+        assert "other processes are using the cores" in text and "--threads" in text

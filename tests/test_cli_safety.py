@@ -431,5 +431,6 @@ def test_train_prints_the_errors_diagnosis_found(data, tmp_path, capsys, monkeyp
         [Finding("lr_too_high", "", "error", "The training loss spiked.", "Lower the lr.")], ["a check"], [], 7))
     assert main(["train", "--data-dir", str(data), *FAST, "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert "diagnosis found 1 error(s) and 0 warning(s)" in out and "error lr_too_high: The training loss spiked." in out
+    assert "diagnosis found 1 error(s), 0 warning(s), causes first" in out
+    assert "error lr_too_high: The training loss spiked." in out and "  fix: Lower the lr." in out
     assert "diagnosis: 1 check on 7 steps: 1 problem found." in out  # what was checked, always printed

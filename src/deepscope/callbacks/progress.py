@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import sys
+import time
 
+import torch
 from tqdm.auto import tqdm
 
 from ..callback import Callback
@@ -31,15 +33,25 @@ def format_row(record: dict, columns: list[str], widths: list[int]) -> str:
     return "  ".join(cells)
 
 
+# An epoch in which this process got less than this share of its threads' time (CPU seconds over wall
+# seconds x torch threads) ran on a busy machine: other processes took the cores. On a quiet machine a CPU
+# training step keeps its threads busy 80-95% of the time; below half, the epoch took twice as long.
+BUSY_CPU_SHARE = 0.5
+
+
 class ProgressCallback(Callback):
     """Bars show the running loss (read back every `refresh_every` batches, not every step); each epoch
-    prints one table row from the MetricsCallback. `bars=None` shows bars only on a terminal/notebook."""
+    prints one table row from the MetricsCallback. `bars=None` shows bars only on a terminal/notebook.
+
+    Once per fit, after an epoch of 2 s or more on the CPU in which the process got less than
+    BUSY_CPU_SHARE of its threads' time, it prints a hint that the machine is busy and epochs are slow
+    for that reason (`clock` gives (wall seconds, process CPU seconds); tests pass their own)."""
 
     order = 30
     in_lr_sweep = False
 
     def __init__(self, bars: bool | None = None, table: bool = True, plot: bool | None = None,
-                 refresh_every: int = 20, file=None, mininterval: float = 0.1, display=None):
+                 refresh_every: int = 20, file=None, mininterval: float = 0.1, display=None, clock=None):
         self.bars, self.table, self.refresh_every = bars, table, refresh_every
         self.plot = in_notebook() if plot is None else plot
         self.file, self.mininterval = file, mininterval
@@ -49,12 +61,35 @@ class ProgressCallback(Callback):
         self._widths: list[int] = []
         self._plot_handle = None
         self._valid_points: list[tuple[int, float]] = []
+        self.clock = clock or (lambda: (time.perf_counter(), time.process_time()))
+        self._epoch_start: tuple[float, float] | None = None
+        self._hinted = False
 
     def _print(self, text: str) -> None:
         tqdm.write(text, file=self.file or sys.stdout)
 
     def before_fit(self, learn) -> None:
-        self._columns, self._valid_points = [], []
+        self._columns, self._valid_points, self._hinted = [], [], False
+
+    def before_epoch(self, learn) -> None:
+        self._epoch_start = self.clock()
+
+    def busy_hint(self, learn) -> str | None:
+        """The hint for the epoch just ended, or None: only on the CPU, once per fit."""
+        if self._epoch_start is None or self._hinted:
+            return None
+        param = next(learn.model.parameters(), None)
+        if param is not None and param.device.type != "cpu":
+            return None
+        (wall0, cpu0), (wall1, cpu1) = self._epoch_start, self.clock()
+        wall, cpu, threads = wall1 - wall0, cpu1 - cpu0, torch.get_num_threads()
+        if wall < 2.0 or cpu >= BUSY_CPU_SHARE * wall * threads:
+            return None
+        self._hinted = True
+        return (f"hint: this epoch took {wall:.1f} s of wall time but only {cpu:.1f} s of CPU time on {threads} "
+                f"thread{'s' if threads != 1 else ''} ({cpu / (wall * threads):.0%} of them): other processes are "
+                f"using the cores, so epochs are slower than this machine can train. Close them, or pass "
+                f"--threads with fewer threads than cores.")
 
     def _open_bar(self, learn, desc: str) -> None:
         disable = None if self.bars is None else not self.bars
@@ -97,6 +132,9 @@ class ProgressCallback(Callback):
             self._widths = [max(len(c), 8) for c in self._columns]
             self._print("  ".join(c.rjust(w) for c, w in zip(self._columns, self._widths)))
         self._print(format_row(record, self._columns, self._widths))
+        hint = self.busy_hint(learn)
+        if hint:
+            self._print(hint)
         if self.plot:
             self._update_plot(learn)
 

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..callbacks.device import default_device
     from ..data import image_dls
-    from ..diagnose import diagnose_run, format_findings, moved_paths, save_findings
+    from ..diagnose import diagnose_run, moved_paths, save_findings
+    from ..diagnose.finding import format_summary
     from ..recipe import build_model, make_optimizer_factory
     from ..runfolder import FINDINGS, RunFolder, environment
     from ..seed import set_seed
@@ -71,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
         run.write_config(config.to_dict(), environment=environment(device), data=dls.info,
                          options={"steps": args.steps})
         run_dir = run.finish()
-    print(format_findings(findings), end="")
-    print(f"checked: {analysis.summary()}")
+    print(format_summary(findings, analysis.summary(), str(run_dir / FINDINGS), info=True), end="")
     print(f"findings written to {run_dir / FINDINGS}")
     return 0

@@ -93,17 +93,9 @@ def run(args: argparse.Namespace) -> int:
               f"or run `deepscope doctor` with the same options; {where}")
     else:
         print(f"done in {result.seconds:.1f} s: {_accuracy(result)}{where}")
-    found = [f for f in result.findings if f.severity in ("error", "warning")]
-    if found:
-        errors = sum(f.severity == "error" for f in found)
-        print(f"diagnosis found {errors} error(s) and {len(found) - errors} warning(s) in this run (details in "
-              f"findings.json and the report):")
-        for f in found:  # causes first, each followed by what it explains (diagnose.finding.CAUSES)
-            pad = "      " if f.caused_by else "  "
-            because = f" (caused by {f.caused_by})" if f.caused_by else ""
-            print(f"{pad}{f.severity} {f.kind}{f' in {f.module!r}' if f.module else ''}{because}: {f.message}")
-    if result.checked:
-        print(f"diagnosis: {result.checked}")
+    from ..diagnose.finding import format_summary
+
+    print(format_summary(result.findings, result.checked, "findings.json and the report"), end="")
     if result.failed_steps:
         print(f"warning: the run is complete but these could not be written: {', '.join(result.failed_steps)} "
               f"(the reason is printed above)")

@@ -193,6 +193,29 @@ def format_findings(findings: list[Finding]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def format_summary(findings: list[Finding], checked: str = "", details: str = "", *, info: bool = False) -> str:
+    """The terminal's summary: one line per error or warning (and info, with `info`), causes first, each
+    root cause followed by its fix and the findings it explains (indented); then `checked`
+    (Analysis.summary()) on its own line. `details` says where the full findings are."""
+    found = findings if info else problems(findings)
+    lines = []
+    if found:
+        errors = sum(f.severity == "error" for f in found)
+        warnings_ = sum(f.severity == "warning" for f in found)
+        infos = f" and {len(found) - errors - warnings_} info" if info and len(found) > errors + warnings_ else ""
+        where = f" (details in {details})" if details else ""
+        lines.append(f"diagnosis found {errors} error(s), {warnings_} warning(s){infos}, causes first{where}:")
+        for f in found:
+            pad = "      " if f.caused_by else "  "
+            because = f" (caused by {f.caused_by})" if f.caused_by else ""
+            lines.append(f"{pad}{f.severity} {f.kind}{f' in {f.module!r}' if f.module else ''}{because}: {f.message}")
+            if not f.caused_by and f.fix:
+                lines.append(f"{pad}  fix: {f.fix}")
+    if checked:
+        lines.append(f"diagnosis: {checked}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def moved_paths(finding: Finding, old: str, new: str) -> Finding:
     """The finding with file paths under `old` rewritten to `new` (a run folder renamed once complete)."""
     d = finding.to_dict()
