@@ -165,23 +165,67 @@ def test_progress_bar_counts_batches():
     assert "2/2" in out.getvalue() and "loss=" in out.getvalue()
 
 
-def test_live_plot_in_a_notebook_updates_one_display():
-    """Jupyter's display is faked: the figure is shown once, then updated in place."""
-    calls = {"display": 0, "update": 0, "lines": 0}
+def test_live_plot_in_a_notebook_updates_one_display(monkeypatch):
+    """Jupyter's display is faked: the plot is shown once, then updated in place, each time as a PNG image
+    (a bare Figure shows as the text "<Figure size ...>" in a fresh kernel)."""
+    from deepscope.callbacks import progress
+
+    calls = {"display": 0, "update": 0, "lines": 0, "shown": []}
+    original = progress.loss_figure
+
+    def spy(*args):
+        fig = original(*args)
+        calls["lines"] = len(fig.axes[0].lines)
+        return fig
+
+    monkeypatch.setattr(progress, "loss_figure", spy)
 
     class Handle:
-        def update(self, fig):
+        def update(self, image):
             calls["update"] += 1
-            calls["lines"] = len(fig.axes[0].lines)
+            calls["shown"].append(image)
 
-    def display(fig, display_id=False):
+    def display(image, display_id=False):
         calls["display"] += 1
+        calls["shown"].append(image)
         assert display_id is True
         return Handle()
 
     make([MetricsCallback(), Recorder(), ProgressCallback(bars=False, table=False, plot=True, refresh_every=2, display=display)]).fit(2)
     assert calls["display"] == 1 and calls["update"] >= 3
     assert calls["lines"] == 2  # train curve and valid points
+    png = [getattr(image, "data", image) for image in calls["shown"]]
+    assert all(isinstance(p, bytes) and p.startswith(b"\x89PNG") for p in png)
+
+
+def test_plots_in_a_notebook_are_returned_not_also_left_with_pyplot(monkeypatch):
+    """In a Jupyter kernel pyplot's inline backend shows every figure it holds at the end of the cell: a
+    plot function's figure must be the cell's value only, or it appears twice."""
+    import matplotlib.pyplot as plt
+
+    from deepscope import plots
+    from deepscope.callbacks import progress
+
+    plt.close("all")
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    fig = plots.plot_curve([3.0, 2.0, 1.0], title="loss")
+    assert plt.get_fignums() == [] and len(fig.axes[0].lines) == 1
+    monkeypatch.setattr(progress, "in_notebook", lambda: False)
+    fig = plots.plot_curve([3.0, 2.0, 1.0])
+    assert plt.get_fignums() == [fig.number]  # a script keeps pyplot's figure, for plt.show()
+    plt.close("all")
+
+
+def test_without_ipywidgets_a_notebook_gets_the_plain_text_bar(monkeypatch):
+    import sys
+
+    from tqdm import tqdm as std_tqdm
+
+    from deepscope.callbacks import progress
+
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import ipywidgets raises ImportError
+    assert progress.bar_class() is std_tqdm
 
 
 @pytest.mark.gpu

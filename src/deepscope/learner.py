@@ -70,6 +70,16 @@ class TrainStep:
         learn.opt.zero_grad(set_to_none=True)
 
 
+class LoopText(str):
+    """Text that a notebook shows as it is (a plain str shows as its repr, newlines escaped)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(str(self))
+
+
 class Learner:
     """Train `model` on `dls` with `loss_func`, calling callbacks at every event.
 
@@ -323,8 +333,9 @@ class Learner:
         return lr_find(self, **kwargs)
 
     # --- introspection ---------------------------------------------------------------------------------
-    def show_training_loop(self) -> str:
-        """The loop's events in order with the callbacks that handle each; also printed."""
+    def show_training_loop(self) -> "LoopText":
+        """The loop's events in order with the callbacks that handle each: printed in a script; in a
+        notebook, shown once as the cell's value (not printed and then repeated as an escaped string)."""
         lines = []
         indent = {"fit": 0, "epoch": 1, "train": 2, "validate": 2, "batch": 3}
         order = ["before_fit", "before_epoch", "before_train", "before_batch", *BATCH_POINTS, "after_batch",
@@ -336,8 +347,11 @@ class Learner:
             pad = "  " * (indent.get(phase, 4 if event in BATCH_POINTS else 3))
             names = [cb.name for cb in self.sorted_cbs() if hasattr(cb, event)]
             lines.append(f"{pad}{event}: {', '.join(names)}" if names else f"{pad}{event}")
-        text = "\n".join(lines)
-        print(text)
+        text = LoopText("\n".join(lines))
+        from .callbacks.progress import in_notebook
+
+        if not in_notebook():
+            print(text)
         return text
 
 

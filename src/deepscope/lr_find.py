@@ -155,8 +155,22 @@ class LRFindResult:
                 "suggestions": self.suggestions, "noisy": self.noisy, "message": self.message, "num_it": self.num_it}
 
     def __repr__(self) -> str:
-        tips = ", ".join(f"{k}={v:.2e}" for k, v in self.suggestions.items())
+        tips = ", ".join(f"{k}={v:.2e}" for k, v in self.suggestions.items() if v is not None)
         return f"LRFindResult({len(self.lrs)} points, {tips}{', noisy' if self.noisy else ''})"
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the suggestions and the curve (an inline PNG), with what the noise check said."""
+        import html
+
+        from .plots import figure_to_data_uri
+
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{'none' if v is None else f'{v:.3g}'}</td></tr>"
+                       for k, v in self.suggestions.items())
+        image = f'<img src="{figure_to_data_uri(self.plot())}" alt="loss against learning rate">' if self.lrs else ""
+        noisy = " (noisy: suggestions are rough)" if self.noisy else ""
+        return (f"<div><b>learning-rate finder</b>: {len(self.lrs)} points{noisy}<br><small>"
+                f"{html.escape(self.message)}</small><table><tr><th>rule</th><th>learning rate</th></tr>{rows}</table>"
+                f"{image}</div>")
 
 
 # --- record: the sweep ---------------------------------------------------------------------------------

@@ -33,9 +33,21 @@ def literal(*texts) -> None:
         text.set(**LITERAL)
 
 
+def subplots(*args, **kwargs):
+    """`plt.subplots`, except in a Jupyter kernel, where the figure is handed back to the caller only:
+    pyplot's inline backend would also show every figure it holds at the end of the cell, so a figure a
+    plot function returns would appear twice."""
+    fig, axs = plt.subplots(*args, **kwargs)
+    from .callbacks.progress import in_notebook
+
+    if in_notebook():
+        plt.close(fig)  # the Figure stays drawable; Jupyter shows it once, as the cell's value
+    return fig, axs
+
+
 def _axes(ax=None, figsize=(6, 3.5)):
     if ax is None:
-        fig, ax = plt.subplots(figsize=figsize)
+        fig, ax = subplots(figsize=figsize)
         return fig, ax
     return ax.figure, ax
 
@@ -147,7 +159,7 @@ def _legend(ax, handles: list) -> None:
 def mean_std_plot(stats, modules: Sequence[str] | None = None, axs=None):
     """Activation mean (left) and std (right) per layer over training: one line per layer."""
     if axs is None:
-        fig, axs = plt.subplots(1, 2, figsize=(11, 3.5))
+        fig, axs = subplots(1, 2, figsize=(11, 3.5))
     fig = axs[0].figure
     cols = _names(stats.modules, _recorded(stats) if modules is None else modules)
     labels = [name for _, name in cols]
@@ -186,7 +198,7 @@ def color_dim_grid(stats, modules: Sequence[str] | None = None, ncols: int = 4):
     cols = _names(stats.modules, _recorded(stats) if modules is None else modules)
     ncols = max(1, min(ncols, len(cols)))
     nrows = max(1, -(-len(cols) // ncols))
-    fig, axs = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    fig, axs = subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
     for ax, (_, name) in zip(axs.flat, cols):
         color_dim(stats, name, ax=ax)
         ax.set_xlabel("")
@@ -245,7 +257,7 @@ def update_ratio_plot(stats, params: Sequence[str] | None = None, ax=None):
 
 def status_screen(stats, module: str):
     """One layer at a glance (2x2): activation histogram image, activation mean/std, gradient norm, update ratio."""
-    fig, axs = plt.subplots(2, 2, figsize=(10, 6.5))
+    fig, axs = subplots(2, 2, figsize=(10, 6.5))
     ((i, _),) = _names(stats.modules, [module])
     color_dim(stats, module, ax=axs[0, 0], title="activation histogram")
     _lines(axs[0, 1], stats.steps, [stats.act_mean[:, i], stats.act_std[:, i]], ["mean", "std"],

@@ -5,6 +5,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm as std_tqdm
 from tqdm.auto import tqdm
 
 from ..callback import Callback
@@ -15,6 +16,20 @@ def in_notebook() -> bool:
     """True inside a Jupyter kernel (where tqdm.auto draws widgets and figures can be updated in place)."""
     shell = sys.modules.get("IPython") and getattr(sys.modules["IPython"], "get_ipython", lambda: None)()
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def bar_class():
+    """tqdm's widget bar in a notebook that has ipywidgets; its plain-text bar everywhere else (tqdm.auto
+    without ipywidgets warns and draws nothing)."""
+    if in_notebook():
+        try:
+            import ipywidgets  # noqa: F401
+
+            from tqdm.notebook import tqdm as notebook_tqdm
+            return notebook_tqdm
+        except ImportError:
+            pass
+    return std_tqdm
 
 
 def format_row(record: dict, columns: list[str], widths: list[int]) -> str:
@@ -93,8 +108,8 @@ class ProgressCallback(Callback):
 
     def _open_bar(self, learn, desc: str) -> None:
         disable = None if self.bars is None else not self.bars
-        self._bar = tqdm(total=learn.n_iter, desc=desc, leave=False, disable=disable, file=self.file,
-                         dynamic_ncols=True, mininterval=self.mininterval)
+        self._bar = bar_class()(total=learn.n_iter, desc=desc, leave=False, disable=disable, file=self.file,
+                                dynamic_ncols=True, mininterval=self.mininterval)
 
     def before_train(self, learn) -> None:
         self._open_bar(learn, f"epoch {learn.epoch + 1}/{learn.n_epochs} train")
@@ -145,18 +160,31 @@ class ProgressCallback(Callback):
         recorder = learn.get_cb(Recorder)
         if recorder is None:
             return
-        fig = loss_figure(recorder.losses_so_far(), self._valid_points)
+        image = _png_image(loss_figure(recorder.losses_so_far(), self._valid_points))
         if self._plot_handle is None:
             show = self.display or _ipython_display
-            self._plot_handle = show(fig, display_id=True)
+            self._plot_handle = show(image, display_id=True)
         else:
-            self._plot_handle.update(fig)
+            self._plot_handle.update(image)
 
 
-def _ipython_display(fig, display_id: bool = True):
+def _png_image(fig):
+    """The figure as a PNG image Jupyter shows as an image in any kernel (a bare Figure shows as the text
+    "<Figure size ...>" until %matplotlib inline registers matplotlib's formatter)."""
+    from ..plots import figure_to_png
+
+    png = figure_to_png(fig)
+    try:
+        from IPython.display import Image
+    except ImportError:  # outside IPython (a test's own display): the PNG bytes
+        return png
+    return Image(data=png, format="png")
+
+
+def _ipython_display(obj, display_id: bool = True):
     from IPython.display import display
 
-    return display(fig, display_id=display_id)
+    return display(obj, display_id=display_id)
 
 
 def loss_figure(train_losses: list[float], valid_points: list[tuple[int, float]]):

@@ -182,6 +182,14 @@ class Analysis:
             head += " Note: " + "; ".join(self.caveats) + "."
         return head
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the findings as cards, then what was checked."""
+        import html
+
+        from .finding import findings_html
+
+        return f"{findings_html(self.findings)}<p><small>{html.escape(self.summary())}</small></p>"
+
     def to_dict(self) -> dict:
         return {"steps": self.steps, "ran": list(self.ran), "skipped": [list(s) for s in self.skipped],
                 "caveats": list(self.caveats)}

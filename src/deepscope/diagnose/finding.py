@@ -35,6 +35,9 @@ class Finding:
         if self.severity not in SEVERITIES:
             raise ValueError(f"unknown severity {self.severity!r}; use one of {SEVERITIES}")
 
+    def _repr_html_(self) -> str:
+        return findings_html([self])
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["evidence"] = _jsonable(d["evidence"])
@@ -136,6 +139,37 @@ def link_causes(findings: list[Finding]) -> list[Finding]:
     return out
 
 
+class Findings(list):
+    """A list of findings that a notebook shows as cards, causes first, and `print` as text."""
+
+    def _repr_html_(self) -> str:
+        return findings_html(self)
+
+    def __str__(self) -> str:
+        return format_findings(self)
+
+
+_COLOURS = {"error": "#b00020", "warning": "#a15c00", "info": "#335"}
+
+
+def findings_html(findings: list[Finding]) -> str:
+    """Findings as HTML cards for a notebook: kind, module, severity, message and fix; symptoms indented
+    under their cause."""
+    import html
+
+    if not findings:
+        return "<div>No findings: nothing looks wrong.</div>"
+    cards = []
+    for f in findings:
+        where = f" in <code>{html.escape(f.module)}</code>" if f.module else ""
+        because = f" <small>(caused by {html.escape(f.caused_by)})</small>" if f.caused_by else ""
+        fix = f"<br><i>fix:</i> {html.escape(f.fix)}" if f.fix and not f.caused_by else ""
+        cards.append(f"<div style=\"margin:4px 0 4px {24 if f.caused_by else 0}px;padding:4px 8px;border-left:4px solid "
+                     f"{_COLOURS.get(f.severity, '#333')}\"><b>{f.severity}</b> {html.escape(f.kind)}{where}{because}"
+                     f"<br>{html.escape(f.message)}{fix}</div>")
+    return "<div>" + "".join(cards) + "</div>"
+
+
 def sort_findings(findings: list[Finding]) -> list[Finding]:
     """Causes first: each root cause (errors, then warnings, then info; within a severity in KINDS order),
     followed by the findings it explains (see `link_causes`). Duplicates are dropped."""
@@ -152,7 +186,7 @@ def sort_findings(findings: list[Finding]) -> list[Finding]:
         out.append(root)
         out.extend(f for f in linked if f.caused_by == root.kind and f not in out)
     out.extend(f for f in linked if f not in out)  # a symptom whose cause is itself a symptom: last
-    return out
+    return Findings(out)
 
 
 def merge_findings(known: list[Finding], new: list[Finding]) -> list[Finding]:

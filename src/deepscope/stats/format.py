@@ -54,6 +54,23 @@ class Stats:
     #                                         census of floor activations (StatsRecorder.structure); None in
     #                                         files of older versions
 
+    def __repr__(self) -> str:
+        """One line (the arrays are many and long: `stats.act_std` and friends hold them)."""
+        span = f"steps {int(self.steps[0])}-{int(self.steps[-1])}" if len(self.steps) else "no steps"
+        return (f"Stats({len(self.modules)} modules, {len(self.param_modules)} with parameters, {len(self.steps)} "
+                f"rows over {span})")
+
+    def _repr_html_(self) -> str:
+        """In a notebook: one row per module with its latest values (`last()`)."""
+        import html
+
+        num = lambda v: "" if v is None or v != v else f"{v:.3g}"  # noqa: E731 - NaN shows as blank
+        rows = "".join(f"<tr><td>{html.escape(name or '(model)')}</td>"
+                       + "".join(f"<td>{num(row[k])}</td>" for k in ("mean", "std", "dead", "grad_norm", "update_ratio"))
+                       + "</tr>" for name, row in self.last().items())
+        return (f"<div><b>{html.escape(repr(self))}</b><table><tr><th>module</th><th>act. mean</th><th>act. std</th>"
+                f"<th>off fraction</th><th>grad norm</th><th>update ratio</th></tr>{rows}</table></div>")
+
     def notes(self) -> dict[str, str]:
         """{module: note} for the modules that have one."""
         return {m: n for m, n in zip(self.modules, self.module_notes or []) if n}
