@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install --quiet -e ".[dev,tensorboard,lightning]"
+	$(PY) -m pip install --quiet -e ".[dev,tensorboard,lightning,notebook]"
 	touch $@
 
 # Debian's dataset-fashion-mnist holds the real IDX files. Without root or apt, deepscope can still read

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 # Text properties that draw a string exactly as given. By default matplotlib reads the text between two
@@ -33,11 +34,21 @@ def literal(*texts) -> None:
         text.set(**LITERAL)
 
 
+class ReprFigure(Figure):
+    """A Figure that shows itself as an image in a notebook, whether or not `%matplotlib inline` has
+    registered matplotlib's own formatter (without it, a fresh kernel shows "<Figure size ...>")."""
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
+
+
 def subplots(*args, **kwargs):
-    """`plt.subplots`, except in a Jupyter kernel, where the figure is handed back to the caller only:
-    pyplot's inline backend would also show every figure it holds at the end of the cell, so a figure a
-    plot function returns would appear twice."""
-    fig, axs = plt.subplots(*args, **kwargs)
+    """`plt.subplots` making a `ReprFigure`, except that in a Jupyter kernel the figure is handed back to the
+    caller only: pyplot's inline backend would also show every figure it holds at the end of the cell, so
+    a figure a plot function returns would appear twice."""
+    fig, axs = plt.subplots(*args, FigureClass=ReprFigure, **kwargs)
     from .callbacks.progress import in_notebook
 
     if in_notebook():

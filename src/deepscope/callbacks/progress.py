@@ -6,14 +6,13 @@ import time
 
 import torch
 from tqdm import tqdm as std_tqdm
-from tqdm.auto import tqdm
 
 from ..callback import Callback
 from .metrics import MetricsCallback
 
 
 def in_notebook() -> bool:
-    """True inside a Jupyter kernel (where tqdm.auto draws widgets and figures can be updated in place)."""
+    """True inside a Jupyter kernel (where bars can be widgets and figures can be updated in place)."""
     shell = sys.modules.get("IPython") and getattr(sys.modules["IPython"], "get_ipython", lambda: None)()
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
@@ -81,7 +80,7 @@ class ProgressCallback(Callback):
         self._hinted = False
 
     def _print(self, text: str) -> None:
-        tqdm.write(text, file=self.file or sys.stdout)
+        bar_class().write(text, file=self.file or sys.stdout)
 
     def before_fit(self, learn) -> None:
         self._columns, self._valid_points, self._hinted = [], [], False

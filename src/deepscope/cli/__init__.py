@@ -13,7 +13,7 @@ from ..cpu_memory import keep_freed_memory
 from ..errors import DeepscopeError, Interrupted, clear_pending_interrupt, request_interrupt
 
 # Module names under deepscope.cli, in the order `deepscope --help` lists them.
-SUBCOMMANDS = ("train", "report", "doctor", "lr_find", "ablate", "bench")
+SUBCOMMANDS = ("train", "report", "compare", "runs", "doctor", "lr_find", "ablate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
