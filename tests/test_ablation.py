@@ -1,5 +1,6 @@
 """Ablation: the dead-fraction measure on hand-made cases, grid checks, and `deepscope ablate` end to end."""
 import csv
+import json
 import time
 
 import matplotlib.pyplot as plt
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from deepscope.ablation import (
-    AblationGrid, markdown_table, measure_dead, plot_ablation, run_grid, run_one, summarise,
+    AblationGrid, SaveRuns, markdown_table, measure_dead, plot_ablation, run_grid, run_one, summarise,
 )
 from deepscope.dead import DEAD_TOLERANCE
 from deepscope.cli import main
@@ -150,6 +151,98 @@ def test_cli_tiny_grid(tiny_data, tmp_path, capsys):
     assert table[0].startswith("| norm | batch size") and len(table) == 2 + 4
     assert (out / "ablation.png").stat().st_size > 1000 and (out / "config.json").is_file()
     assert "4 runs" in capsys.readouterr().out
+    # without --runs-dir nothing but the ablation's own folder is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abl", "data"]
+    assert sorted(p.name for p in out.iterdir()) == [".deepscope-run.json", "ablation.csv", "ablation.md",
+                                                     "ablation.png", "config.json"]
+    assert json.loads((out / "config.json").read_text())["options"] == {}
+
+
+RUNS_GRID = ["--no-verify", "--device", "cpu", "--norms", "batch,none", "--variants", "default-relu",
+             "--batch-sizes", "16", "--max-batches", "4", "--nfs", "4", "8"]
+RUN_NAMES = ["batch-bs16-default-relu-s0", "none-bs16-default-relu-s0"]
+
+
+def test_cli_runs_dir_writes_each_point_as_a_run_that_compare_opens(tiny_data, tmp_path, capsys):
+    from deepscope.runfolder import is_run_folder, read_config, read_marker
+
+    runs, out = tmp_path / "runs", tmp_path / "runs" / "abl"  # the runs beside the ablation's folder
+    assert main(["ablate", "--data-dir", str(tiny_data), *RUNS_GRID, "--out", str(out), "--runs-dir", str(runs),
+                 "--runs-stats"]) == 0
+    assert f"compare them: deepscope compare {runs / RUN_NAMES[0]} {runs / RUN_NAMES[1]}" in capsys.readouterr().out
+    assert sorted(p.name for p in runs.iterdir()) == ["abl", *RUN_NAMES]
+    assert all(p.is_file() for p in out.iterdir())  # nothing nested in the ablation's folder
+    with (out / "ablation.csv").open() as f:
+        rows = {f"{r['norm']}-bs{r['batch_size']}-{r['init']}-{r['act']}-s{r['seed']}": r for r in csv.DictReader(f)}
+    assert sorted(rows) == RUN_NAMES
+    for name in RUN_NAMES:
+        run = runs / name
+        assert is_run_folder(run) and read_marker(run)["kind"] == "train"
+        cfg = read_config(run)
+        assert cfg["kind"] == "train" and cfg["config"]["norm"] == rows[name]["norm"]
+        assert cfg["config"]["batch_size"] == 16 and cfg["config"]["schedule"] == "constant"
+        assert cfg["config"]["seed"] == 0 and cfg["config"]["nfs"] == [4, 8] and cfg["config"]["stats"] is True
+        (metrics,) = json.loads((run / "metrics.json").read_text())
+        assert metrics["valid_accuracy"] == pytest.approx(float(rows[name]["accuracy"]), abs=5e-5)
+        assert metrics["train_loss"] == pytest.approx(float(rows[name]["train_loss"]), abs=5e-5)
+        losses = json.loads((run / "recorder.json").read_text())["loss"]
+        assert len(losses) == int(rows[name]["steps"]) == 4
+        assert (run / "stats.npz").is_file()
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert options == {"runs_dir": str(runs), "runs_stats": True, "runs": RUN_NAMES}
+    page = tmp_path / "pages" / "compare.html"
+    assert main(["compare", *(str(runs / n) for n in RUN_NAMES), "--out", str(page)]) == 0
+    html = page.read_text(encoding="utf-8")
+    assert all(name in html for name in RUN_NAMES)
+    # a second ablate into the same --runs-dir is refused before any work, unless --overwrite
+    assert main(["ablate", "--data-dir", str(tiny_data), *RUNS_GRID, "--out", str(tmp_path / "abl2"),
+                 "--runs-dir", str(runs)]) == 2
+    assert "already holds the run batch-bs16-default-relu-s0" in capsys.readouterr().err
+    assert not (tmp_path / "abl2").exists()
+
+
+def test_an_interrupted_grid_keeps_the_runs_already_finished(tiny_dls, tmp_path, monkeypatch, one_thread):
+    """A stop during the second run: the first stays a complete run folder, the second leaves nothing."""
+    import deepscope.ablation as ablation
+    from deepscope.runfolder import is_run_folder
+
+    real, calls = ablation.measure_dead, []
+
+    def stop_in_the_second_run(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(ablation, "measure_dead", stop_in_the_second_run)
+    grid = AblationGrid(norms=["batch", "none"], batch_sizes=[16], variants=["default-relu"], max_batches=3, nfs=[4])
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(tiny_dls, grid, save=SaveRuns(tmp_path / "runs"), log=lambda line: None)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [RUN_NAMES[0]]  # no .partial of the second
+    assert is_run_folder(tmp_path / "runs" / RUN_NAMES[0])
+    assert not (tmp_path / "runs" / RUN_NAMES[0] / "stats.npz").exists()  # statistics only when asked
+
+
+@pytest.mark.parametrize("where, message", [
+    ("abl/runs", "is inside the ablation's own folder"),
+    ("abl.partial", "is inside the ablation's own folder"),
+    ("old/runs", "a run folder deepscope made"),
+])
+def test_cli_runs_dir_inside_a_run_folder_is_refused(tiny_data, tmp_path, capsys, where, message):
+    from deepscope.runfolder import RunFolder
+
+    with RunFolder.prepare(tmp_path / "old", "train") as old:
+        old.finish()
+    code = main(["ablate", "--data-dir", str(tiny_data), *RUNS_GRID, "--out", str(tmp_path / "abl"),
+                 "--runs-dir", str(tmp_path / where)])
+    assert code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "old"]
+
+
+def test_cli_runs_stats_needs_runs_dir(tiny_data, tmp_path, capsys):
+    assert main(["ablate", "--data-dir", str(tiny_data), *RUNS_GRID, "--out", str(tmp_path / "a"), "--runs-stats"]) == 2
+    assert "pass --runs-dir too" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize("args, message", [

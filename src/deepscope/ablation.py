@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch import nn
 
 from .callback import Callback, CancelFitException
 from .dead import off_rule
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .hooks import ACTIVATION_TYPES, Hooks, select_modules
 
 DEFAULT_NORMS = ("none", "batch", "layer", "instance", "group", "running_batch")
@@ -187,9 +188,103 @@ def _check_fits(data, bs: int) -> None:
                           f"the run would train on nothing")
 
 
-def run_one(data, norm: str, bs: int, init: str, act: str, seed: int, grid: AblationGrid, device: str = "cpu") -> dict:
+def run_name(norm: str, bs: int, init: str, act: str, seed: int) -> str:
+    """The name of a grid point's own run folder (`--runs-dir`): `<norm>-bs<N>-<init>-<act>-s<seed>`."""
+    return f"{norm}-bs{bs}-{init}-{act}-s{seed}"
+
+
+def check_runs_dir(runs_dir: str | Path, names: Sequence[str] = (), *, beside: Path | None = None) -> Path:
+    """`runs_dir` made absolute, or OutputError when the grid's run folders may not go there: inside a run
+    folder deepscope made (nested files would stop runfolder's clean-up of it), inside the ablation's own
+    folder `beside` (or its staging folder), or where one of `names` would be that folder itself."""
+    from .runfolder import STAGING_SUFFIX, read_marker
+
+    given = runs_dir
+    path = Path(os.path.abspath(Path(runs_dir).expanduser()))
+    if beside is not None:
+        beside = Path(os.path.abspath(beside))
+        for own in (beside, beside.with_name(beside.name + STAGING_SUFFIX)):
+            if path == own or own in path.parents:
+                raise OutputError(f"--runs-dir {given} is inside the ablation's own folder {beside}; the runs go "
+                                  f"beside it, never inside: e.g. --runs-dir {beside.parent / 'ablation-runs'}")
+        if path == beside.parent and beside.name in names:
+            raise OutputError(f"--out {beside} has the name of one of the grid's runs in --runs-dir {given}; "
+                              f"choose another --out or --runs-dir")
+    real = Path(os.path.realpath(path))
+    for folder in dict.fromkeys([path, *path.parents, real, *real.parents]):
+        if folder.is_dir() and read_marker(folder) is not None:
+            raise OutputError(f"--runs-dir {given} is inside {folder}, a run folder deepscope made; deepscope writes "
+                              f"only the run's own files there: choose a folder outside it")
+    blocked = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise OutputError(f"--runs-dir {given}: {blocked} is a file, not a folder; choose another --runs-dir")
+    return path
+
+
+@dataclass
+class SaveRuns:
+    """Where and how `run_grid` writes each grid point as its own `train` run folder (`--runs-dir`)."""
+
+    folder: Path  # the runs go to folder/<run_name>
+    stats: bool = False  # also record ActivationStats (stats.npz); slows every run down
+    overwrite: bool = False  # replace a run folder deepscope made there before
+    config: dict = field(default_factory=dict)  # TrainConfig fields the grid does not set (dataset, data_dir, ...)
+
+    def path(self, norm: str, bs: int, init: str, act: str, seed: int) -> Path:
+        return Path(self.folder) / run_name(norm, bs, init, act, seed)
+
+    def check(self, runs: Sequence[tuple], beside: Path | None = None) -> None:
+        """OutputError unless every run of `runs` (`AblationGrid.runs()`) may be written: `check_runs_dir`,
+        then runfolder's `check_out` for each (an earlier run there is replaced only with `overwrite`)."""
+        from .runfolder import check_out, read_marker
+
+        check_runs_dir(self.folder, [run_name(*r) for r in runs], beside=beside)
+        for r in runs:
+            path = self.path(*r)
+            if not self.overwrite and path.is_dir() and not path.is_symlink() and read_marker(path) is not None:
+                raise OutputError(f"--runs-dir {self.folder} already holds the run {path.name}; pass --overwrite to "
+                                  f"replace the grid's runs there, or choose another --runs-dir")
+            try:
+                check_out(path, self.overwrite)
+            except OutputError as e:
+                raise OutputError(f"cannot write the grid's run {path.name} into --runs-dir {self.folder}: "
+                                  f"{e}") from None
+
+
+def run_one(data, norm: str, bs: int, init: str, act: str, seed: int, grid: AblationGrid, device: str = "cpu",
+            save: SaveRuns | None = None) -> dict:
     """Train one configuration on `data` (a DataLoaders) for `grid.max_batches` steps; return its CSV row.
-    `seconds` is the wall time of the training, reported beside the result: nothing depends on it."""
+    `seconds` is the wall time of the training, reported beside the result: nothing depends on it.
+
+    With `save`, the run is also written as its own run folder (kind `train`, through RunFolder): its
+    TrainConfig in config.json, one record in metrics.json (the accuracy as `valid_accuracy`, the final
+    train loss), the per-step losses in recorder.json, and stats.npz when `save.stats`. It is trained inside
+    the folder's `prepare ... finish`, so a stop leaves no half-written run (only runfolder's `.partial`)."""
+    if save is None:
+        return _train_one(data, norm, bs, init, act, seed, grid, device)[0]
+    from .runfolder import METRICS, RECORDER, STATS, RunFolder, environment
+
+    with RunFolder.prepare(save.path(norm, bs, init, act, seed), "train", overwrite=save.overwrite) as run:
+        row, learn, config = _train_one(data, norm, bs, init, act, seed, grid, device, save, str(run.final))
+        from .callbacks import Recorder
+        from .stats import ActivationStats
+
+        recorder = learn.get_cb(Recorder)
+        run.write_config(config.to_dict(), environment=environment(device), data=data.info,
+                         wall_seconds=row["seconds"])
+        run.write_json(METRICS, [{"epoch": config.epochs, "train_loss": row["train_loss"],
+                                  "valid_accuracy": row["accuracy"], "dead_fraction": row["dead_fraction"],
+                                  "steps": row["steps"], "samples": row["samples"],
+                                  "eval_items": min(EVAL_ITEMS, len(data.valid.x)), "seconds": row["seconds"]}])
+        run.write_json(RECORDER, {"loss": recorder.losses, "lr": recorder.lrs, "momentum": recorder.moms})
+        if save.stats:
+            learn.get_cb(ActivationStats).save(run.file(STATS))
+        run.finish()
+    return row
+
+
+def _train_one(data, norm, bs, init, act, seed, grid, device, save: SaveRuns | None = None, out: str | None = None):
+    """(CSV row, the trained Learner, its TrainConfig) of one grid point."""
     from .callbacks import Recorder
     from .config import TrainConfig
     from .data import DataLoaders, TensorBatches
@@ -197,36 +292,51 @@ def run_one(data, norm: str, bs: int, init: str, act: str, seed: int, grid: Abla
     from .seed import set_seed
 
     _check_fits(data, bs)
-    config = TrainConfig(norm=norm, batch_size=bs, init=init, act=act, seed=seed, lr=grid.lr, schedule="constant",
-                         nfs=list(grid.nfs), device=device, stats=False)
     set_seed(seed)
     train = TensorBatches(data.train.x, data.train.y, bs, shuffle=True, drop_last=True,
                           generator=torch.Generator().manual_seed(seed))
+    epochs = max(1, math.ceil(grid.max_batches / max(len(train), 1)))
+    stats = save is not None and save.stats
+    config = TrainConfig(**(save.config if save is not None else {}), norm=norm, batch_size=bs, init=init, act=act,
+                         seed=seed, lr=grid.lr, schedule="constant", nfs=list(grid.nfs), device=device, stats=stats,
+                         epochs=epochs, out=out)
     dls = DataLoaders(train, None, data.n_classes, data.classes, data.info)
     budget = Budget(grid.max_batches)
-    learn = build_learner(config, dls, extra_cbs=[budget], progress=False)
+    extra = [budget]
+    if stats:
+        from .stats import ActivationStats
+
+        extra.append(ActivationStats(every=config.stats_every, subsample=config.stats_sample or None))
+    learn = build_learner(config, dls, extra_cbs=extra, progress=False)
     started = time.perf_counter()
-    learn.fit(max(1, math.ceil(grid.max_batches / max(len(train), 1))), valid=False)
+    learn.fit(epochs, valid=False)
     seconds = time.perf_counter() - started
     x_eval, y_eval = data.valid.x[:EVAL_ITEMS], data.valid.y[:EVAL_ITEMS]
     model_device = next(learn.model.parameters()).device
     losses = learn.get_cb(Recorder).losses
-    return {"norm": norm, "batch_size": bs, "init": init, "act": act, "seed": seed,
-            "accuracy": accuracy(learn.model, x_eval.to(model_device), y_eval.to(model_device)),
-            "train_loss": float(np.mean(losses[-FINAL_LOSS_WINDOW:])) if losses else float("nan"),
-            "dead_fraction": measure_dead(learn.model, x_eval[:DEAD_BATCH].to(model_device)),
-            "steps": budget.steps, "samples": budget.steps * bs, "seconds": seconds}
+    row = {"norm": norm, "batch_size": bs, "init": init, "act": act, "seed": seed,
+           "accuracy": accuracy(learn.model, x_eval.to(model_device), y_eval.to(model_device)),
+           "train_loss": float(np.mean(losses[-FINAL_LOSS_WINDOW:])) if losses else float("nan"),
+           "dead_fraction": measure_dead(learn.model, x_eval[:DEAD_BATCH].to(model_device)),
+           "steps": budget.steps, "samples": budget.steps * bs, "seconds": seconds}
+    return row, learn, config
 
 
-def run_grid(data, grid: AblationGrid, device: str = "cpu", log=print) -> list[dict]:
+def run_grid(data, grid: AblationGrid, device: str = "cpu", log=print, save: SaveRuns | None = None) -> list[dict]:
+    """Train every grid point (`grid.runs()`); return the CSV rows. With `save`, each point is also written
+    as its own run folder as soon as it is trained (`run_one`), so a stop keeps the runs already finished."""
     for bs in grid.batch_sizes:
         _check_fits(data, bs)  # before the first run, not half-way through the grid
     rows = []
     runs = grid.runs()
+    if save is not None:
+        save.check(runs)  # every run folder, before the first run too
     for k, (norm, bs, init, act, seed) in enumerate(runs, 1):
-        row = run_one(data, norm, bs, init, act, seed, grid, device)
+        row = run_one(data, norm, bs, init, act, seed, grid, device, save)
+        saved = f" -> {save.path(norm, bs, init, act, seed)}" if save is not None else ""
         log(f"[{k}/{len(runs)}] norm={norm:<13} bs={bs:<4} {init}-{act:<13} seed={seed} acc={row['accuracy']:.3f} "
-            f"loss={row['train_loss']:.3f} dead={row['dead_fraction']:.2f} steps={row['steps']} {row['seconds']:.1f}s")
+            f"loss={row['train_loss']:.3f} dead={row['dead_fraction']:.2f} steps={row['steps']} {row['seconds']:.1f}s"
+            f"{saved}")
         rows.append(row)
     return rows
 

@@ -80,7 +80,8 @@ def looking_inside_callbacks(config: TrainConfig, run_dir: Path | None) -> list:
     if config.tensorboard and run_dir is not None:
         from .tensorboard import TensorBoardCallback
 
-        cbs.append(TensorBoardCallback(run_dir / "tensorboard", stats=stats))
+        cbs.append(TensorBoardCallback(run_dir / "tensorboard", stats=stats, hparams=config.to_dict(),
+                                       every=config.stats_every))  # each recorded step, as stats.npz has them
     return cbs
 
 

@@ -60,7 +60,15 @@ def add_parser(subparsers) -> None:
                         "and spare threads spinning on a busy machine slow every run down)")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N, mps (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/ablate-<date>-<time>)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists (and, with --runs-dir, the grid's run folders there)")
+    p.add_argument("--runs-dir", default=None, metavar="DIR",
+                   help="also write every grid point as its own run folder DIR/<norm>-bs<N>-<init>-<act>-s<seed> "
+                        "(config, metrics, per-step losses), which `deepscope compare` opens; beside --out, never "
+                        "inside it (default: none, only the ablation folder)")
+    p.add_argument("--runs-stats", action="store_true",
+                   help="with --runs-dir: also record per-layer activation statistics (stats.npz) in each run "
+                        "(slower; the `seconds` column includes the recording)")
     p.set_defaults(func=run)
 
 
@@ -68,12 +76,17 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import math
     import time
+    from pathlib import Path
 
     import torch
 
-    from ..ablation import AblationGrid, markdown_table, plot_ablation, run_grid, summarise, write_csv
+    from ..ablation import (
+        AblationGrid, SaveRuns, check_runs_dir, markdown_table, plot_ablation, run_grid, run_name, summarise,
+        write_csv,
+    )
     from ..callbacks.device import default_device
     from ..data import image_dls
+    from ..errors import ConfigError
     from ..plots import save_png
     from ..runfolder import ABLATION_CSV, ABLATION_MD, ABLATION_PNG, RunFolder, environment
 
@@ -82,11 +95,23 @@ def run(args: argparse.Namespace) -> int:
                         max_batches=args.max_batches, lr=args.lr, nfs=args.nfs)
     device = default_device(args.device)  # a ConfigError here, before the data is read
     threads = torch.get_num_threads()
+    if args.runs_stats and args.runs_dir is None:
+        raise ConfigError("--runs-stats records statistics in the runs that --runs-dir writes; pass --runs-dir too")
+    run_names = [run_name(*r) for r in grid.runs()]
+    save = None
+    if args.runs_dir is not None:
+        save = SaveRuns(check_runs_dir(args.runs_dir, run_names), stats=args.runs_stats, overwrite=args.overwrite,
+                        config={"dataset": args.dataset, "data_dir": args.data_dir, "verify": args.verify,
+                                "threads": args.threads})
+        # before the ablation's folder is made; again with its final path once it is prepared
+        save.check(grid.runs(), beside=None if args.out is None else Path(args.out))
     with RunFolder.prepare(args.out, "ablate", overwrite=args.overwrite) as run:
+        if save is not None:
+            save.check(grid.runs(), beside=run.final)
         try:
             torch.set_num_threads(args.threads)
             data = image_dls(args.dataset, args.data_dir, 256, verify=args.verify)
-            rows = run_grid(data, grid, str(device))
+            rows = run_grid(data, grid, str(device), save=save)
         finally:
             torch.set_num_threads(threads)
         summary = summarise(rows)
@@ -95,11 +120,15 @@ def run(args: argparse.Namespace) -> int:
         run.file(ABLATION_MD).write_text(table)
         save_png(plot_ablation(summary), run.file(ABLATION_PNG))
         seconds = time.perf_counter() - started
+        options = {} if save is None else {"runs_dir": str(save.folder), "runs_stats": save.stats, "runs": run_names}
         run.write_config({**dataclasses.asdict(grid), "dataset": args.dataset, "threads": args.threads},
-                         environment=environment(device), data=data.info, wall_seconds=seconds)
+                         environment=environment(device), data=data.info, options=options, wall_seconds=seconds)
         run_dir = run.finish()
     print(table)
     print(f"{len(rows)} runs in {seconds:.0f} s; wrote {run_dir / ABLATION_CSV}, {ABLATION_MD}, {ABLATION_PNG}")
+    if save is not None:
+        hint = f"; compare them: deepscope compare {' '.join(str(save.folder / n) for n in run_names[:2])}"
+        print(f"wrote {len(rows)} run folder{'s' if len(rows) != 1 else ''} into {save.folder}" + (hint if len(run_names) > 1 else ""))
     failed = [r for r in rows if not math.isfinite(r["train_loss"])]
     if failed:
         names = ", ".join(sorted({f"{r['norm']} at batch {r['batch_size']} ({r['init']}-{r['act']})" for r in failed}))
