@@ -10,7 +10,9 @@ import pytest
 from deepscope.cli import main
 from deepscope.errors import DataError
 from deepscope.stats import load_stats
-from deepscope.report import layer_table, render_report, sort_findings, status_modules
+from deepscope.report import (
+    group_findings, key_plot_choice, layer_anchor_ids, layer_table, render_report, sort_findings, status_modules,
+)
 from test_plots import make_fake_stats
 
 EVIL = "<script>alert(1)</script>"
@@ -33,8 +35,10 @@ def write_stats(run_dir, stats):
 
 
 FINDINGS = [
-    {"kind": "dead_units", "module": "layers.1", "severity": "warning", "message": "half the units are dead",
+    {"kind": "dead_units", "module": "body.conv", "severity": "warning", "message": "half the units are dead",
      "fix": "use a leaky ReLU", "evidence": {"dead": 0.5}},
+    {"kind": "not_learning", "module": "", "severity": "warning", "message": "the loss is flat", "fix": "",
+     "evidence": {}, "caused_by": "dead_units"},
     {"kind": "note", "module": None, "severity": "info", "message": "a note", "fix": "", "evidence": {}},
     {"kind": "exploding", "module": EVIL, "severity": "error", "message": f"bad {EVIL}", "fix": EVIL,
      "evidence": {"x": EVIL}},
@@ -62,27 +66,99 @@ def full_run(tmp_path_factory):
     return run_dir, stats, (run_dir / "report.html").read_text()
 
 
+def section(html, anchor):
+    """The HTML of the <section id=anchor> element (sections hold no nested section of the same id)."""
+    start = html.index(f'<section id="{anchor}"') if f'<section id="{anchor}"' in html else html.index(f'id="{anchor}"')
+    return html[start:html.index("</section>", start)]
+
+
 def test_report_rebuilt_by_cli_has_every_section(full_run):
-    _, _, html = full_run
-    for heading in ("Findings", "Configuration", "Metrics", "Layers", "Status screens", "Learning-rate finder",
-                    "Ablation", "Environment and data"):
+    _, stats, html = full_run
+    for heading in ("Contents", "Summary", "Findings", "Key plots", "Metrics", "Layers", "All layers at a glance",
+                    "Learning-rate finder", "Ablation", "Configuration", "Environment and data"):
         assert f">{heading}</h" in html
-    assert html.index(">Findings<") < html.index(">Configuration<")  # findings come first
     assert "valley" in html and "the curve is noisy" in html and "baseline" in html and "0.81" in html
-    # metrics (3) + layer plots (6) + status screens for first, middle, last layer (3) + LR finder (1)
-    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) == 13
+    # summary (3) + metrics, lr (2) + the heatmaps not in the summary (2 of 4) + one per layer (4) + LR finder (1)
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) == 12
+
+
+def test_summary_comes_first_with_the_result(full_run):
+    html = full_run[2]
+    order = [html.index(f'id="{a}"') for a in ("contents", "summary", "findings", "metrics", "layers", "configuration")]
+    assert order == sorted(order)
+    summary = section(html, "summary")
+    assert "validation accuracy <b>70.00%</b>" in summary and "0.8000" in summary and "1.5 s" in summary
+    assert "After 2 epoch(s)" in summary
+    assert len(re.findall(r"<img ", summary)) == 3  # the three key plots
+    assert html.index('id="summary"') < min(m.start() for m in re.finditer(r'<section class="layer"', html))
+
+
+def test_table_of_contents_links_resolve(full_run):
+    html = full_run[2]
+    toc = html[html.index('<nav class="toc"'):html.index("</nav>")]
+    links = re.findall(r'href="#([^"]*)"', toc)
+    ids = set(re.findall(r'\sid="([^"]*)"', html))
+    assert {"summary", "metrics", "layers", "lr-find", "ablation", "configuration", "environment"} <= set(links)
+    assert len(links) == 7 + 4  # the sections and the four layers
+    assert all(link in ids for link in links)
+    assert all(link in ids for link in re.findall(r'href="#([^"]*)"', html))  # every in-page link in the report
+    assert len(ids) == len(re.findall(r'\sid="', html))  # ids are unique
+
+
+def test_each_layer_has_a_section_with_its_own_image(full_run):
+    _, stats, html = full_run
+    anchors = layer_anchor_ids(stats.modules)
+    sections = dict(re.findall(r'<section class="layer" id="([^"]*)">(.*?)</section>', html, re.S))
+    assert list(sections) == [anchors[m] for m in stats.modules]
+    for module in stats.modules:
+        body = sections[anchors[module]]
+        assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', body)) == 1
+    assert anchors[EVIL] == "layer-script-alert-1-script"
+
+
+def test_a_finding_links_to_its_layer_section(full_run):
+    _, stats, html = full_run
+    anchor = layer_anchor_ids(stats.modules)["body.conv"]
+    summary = section(html, "summary")
+    assert f'<a class="module" href="#{anchor}">body.conv</a>' in summary
+    assert f'<a class="module" href="#{layer_anchor_ids(stats.modules)[EVIL]}">{EVIL_ESCAPED}</a>' in summary
+    assert "half the units are dead" in section(html, anchor)  # and the layer's section repeats the finding
+    # the symptom (not_learning, caused by dead_units) is indented under its cause
+    group = summary[summary.index("half the units are dead"):]
+    assert '<div class="symptoms">' in group and "the loss is flat" in group
+    assert group.index("the loss is flat") < group.index('<div class="finding-group">')
+
+
+def test_key_plots_follow_the_findings(full_run):
+    summary = section(full_run[2], "summary")
+    captions = re.findall(r"<figcaption>([^<]*)", summary)
+    assert captions == ["Off fraction per layer", "Update / weight ratio per layer", "Training loss per batch"]
+    assert "because of the finding dead_units in body.conv" in summary
+    available = {"loss", "act_std", "act_dead", "grad_norm", "update_ratio"}
+    assert [k for k, _ in key_plot_choice([], available)] == ["loss", "act_std", "act_dead"]
+    assert [k for k, _ in key_plot_choice([], {"loss"})] == ["loss"]
+
+
+def test_config_and_environment_are_folded_away(full_run):
+    html = full_run[2]
+    for anchor in ("configuration", "environment"):
+        body = section(html, anchor)
+        assert "<details>" in body and body.index("<details>") < body.index("<table>")
+    assert "<summary>3 setting(s)</summary>" in section(html, "configuration")
 
 
 def test_report_is_self_contained(full_run):
     html = full_run[2]
-    assert "http://" not in html and "https://" not in html
-    assert "<link" not in html and "<script src" not in html
+    assert "http://" not in html and "https://" not in html and "//cdn" not in html
+    assert "<link" not in html and "<script" not in html and "@import" not in html and "url(" not in html
     assert all(src.startswith("data:") for src in re.findall(r'src="([^"]*)"', html))
+    assert all(href.startswith("#") for href in re.findall(r'href="([^"]*)"', html))
 
 
 def test_findings_sorted_errors_first_and_colour_coded(full_run):
     html = full_run[2]
-    order = [html.index(f'finding sev-{s}"') for s in ("error", "warning", "info")]
+    summary = section(html, "summary")
+    order = [summary.index(f'finding sev-{s}"') for s in ("error", "warning", "info")]
     assert order == sorted(order)
     assert "half the units are dead" in html and "use a leaky ReLU" in html
 
@@ -90,8 +166,50 @@ def test_findings_sorted_errors_first_and_colour_coded(full_run):
 def test_every_shown_name_is_escaped(full_run):
     html = full_run[2]
     assert EVIL not in html and "<script" not in html
-    # config value, layer table, status screen alt text, finding module/message/fix/evidence, ablation cell
+    # config value, layer table, TOC, layer heading and alt text, finding module/message/fix/evidence, ablation cell
     assert html.count(EVIL_ESCAPED) >= 7
+
+
+def test_group_findings_nests_symptoms_under_their_cause():
+    found = sort_findings([{"kind": "a", "severity": "error", "message": "a"},
+                           {"kind": "b", "severity": "warning", "message": "b", "caused_by": "a"},
+                           {"kind": "c", "severity": "info", "message": "c", "caused_by": "b"},
+                           {"kind": "d", "severity": "info", "message": "d", "caused_by": "missing"}])
+    groups = group_findings(found)
+    assert [(g["cause"]["kind"], [s["kind"] for s in g["symptoms"]]) for g in groups] == [("a", ["b", "c"]), ("d", [])]
+
+
+def test_layer_anchor_ids_are_safe_and_unique():
+    ids = layer_anchor_ids(["a.b", "a b", "a-b", "", "ünï", '"><x>'])
+    assert list(ids.values())[:3] == ["layer-a.b", "layer-a-b", "layer-a-b-2"]
+    assert ids[""] == "layer-model" and ids["ünï"] == "layer-n" and ids['"><x>'] == "layer-x"
+    assert all(re.fullmatch(r"layer-[A-Za-z0-9_.-]+", v) for v in ids.values())
+    assert len(set(ids.values())) == len(ids)
+
+
+def test_color_dim_panel_has_labels_and_a_colour_bar():
+    from deepscope import plots
+
+    stats = make_fake_stats(T=5, M=3)
+    fig = plots.color_dim_panel(stats, "layers.1")
+    ax, bar = fig.axes  # the plot and its colour bar
+    assert ax.get_xlabel() == "training step" and ax.get_ylabel() == "|activation| (bin)"
+    assert bar.get_ylabel() == "log(1 + count)"
+    assert ax.title.get_fontsize() >= 10
+    panels = plots.layer_panels(stats, "layers.1")
+    assert len(panels.axes) == 6  # five panels and the histogram's colour bar
+    assert all(a.get_xlabel() and a.get_ylabel() for a in panels.axes[:5])  # every panel labels both axes
+    assert panels.axes[5].get_ylabel() == "log(1 + count)"
+    heat = plots.layer_heatmap(stats, "act_dead", title="off", label="fraction off (0-1)", vmin=0, vmax=1)
+    assert heat.axes[1].get_ylabel() == "fraction off (0-1)" and heat.axes[0].get_xlabel() == "training step"
+    plt_close(fig, panels, heat)
+
+
+def plt_close(*figs):
+    import matplotlib.pyplot as plt
+
+    for fig in figs:
+        plt.close(fig)
 
 
 def test_layer_table_holds_last_values():
@@ -123,8 +241,9 @@ def test_minimal_folder_omits_optional_sections(tmp_path):
     write_config(tmp_path / "run")
     html = render_report(tmp_path / "run")
     assert ">Configuration</h2>" in html and "No metrics were recorded" in html
-    for heading in ("Findings", "Layers", "Learning-rate finder", "Ablation"):
-        assert f">{heading}</h2>" not in html
+    assert "No training result was recorded" in html
+    for heading in ("Findings", "Layers", "Learning-rate finder", "Ablation", "Key plots"):
+        assert f">{heading}</h" not in html
 
 
 def test_folder_without_config_is_a_data_error(tmp_path, capsys):
@@ -132,3 +251,102 @@ def test_folder_without_config_is_a_data_error(tmp_path, capsys):
         render_report(tmp_path)
     assert main(["report", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """A small real run: `deepscope train` with per-layer statistics on the tests' tiny dataset."""
+    from conftest import write_tiny_dataset
+
+    root = tmp_path_factory.mktemp("real")
+    data = write_tiny_dataset(root / "data")
+    run_dir = root / "run"
+    assert main(["train", "--data-dir", str(data), "--out", str(run_dir), "--no-verify", "--epochs", "1",
+                 "--batch-size", "16", "--nfs", "4", "8", "--lr", "0.01", "--device", "cpu", "--stats-every", "2",
+                 "--quiet"]) == 0
+    return run_dir, load_stats(run_dir), (run_dir / "report.html").read_text()
+
+
+def test_real_run_has_a_section_per_watched_module(real_run):
+    _, stats, html = real_run
+    anchors = layer_anchor_ids(stats.modules)
+    sections = dict(re.findall(r'<section class="layer" id="([^"]*)">(.*?)</section>', html, re.S))
+    assert len(stats.modules) >= 5 and list(sections) == [anchors[m] for m in stats.modules]
+    assert all('src="data:image/png;base64,' in sections[anchors[m]] for m in stats.modules)
+    toc = html[html.index('<nav class="toc"'):html.index("</nav>")]
+    ids = set(re.findall(r'\sid="([^"]*)"', html))
+    assert all(link in ids for link in re.findall(r'href="#([^"]*)"', toc))
+    assert html.index('id="summary"') < html.index('<section class="layer"')
+    assert "http://" not in html and "https://" not in html
+
+
+def test_report_size_stays_small(real_run):
+    """The small run's report is well under a megabyte, and a default CNN run (13 watched modules) stays
+    under ~3 MB: the per-layer images grow with the number of layers, the rest does not."""
+    _, stats, html = real_run
+    size = len(html.encode())
+    assert size < 1_000_000
+    layer_images = [len(uri) for uri in re.findall(r'<section class="layer" id="[^"]*">.*?src="(data:[^"]*)"', html, re.S)]
+    assert len(layer_images) == len(stats.modules)
+    rest = size - sum(layer_images)
+    assert max(layer_images) < 150_000
+    assert rest + 13 * max(layer_images) < 3_000_000
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
+
+
+def _render_in_chromium(browser: str, page) -> tuple[str, list[str]]:
+    """Load `page` headless; returns the DOM after load and the console lines Chromium logged to stderr."""
+    import subprocess
+
+    try:
+        done = subprocess.run([browser, "--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run",
+                               "--disable-extensions", f"--user-data-dir={page.parent / 'chromium-profile'}",
+                               "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom",
+                               page.as_uri()], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"{browser} did not finish loading the page within 120 s")
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    return done.stdout, console
+
+
+def test_report_loads_in_a_browser_without_console_errors(real_run, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on PATH")
+    # The check itself: a page with a console error must be caught, or this Chromium cannot tell us anything.
+    control = tmp_path / "control.html"
+    control.write_text("<!DOCTYPE html><title>c</title><script>console.error('control-error'); missing();</script>")
+    _, console = _render_in_chromium(browser, control)
+    if not any("control-error" in line for line in console):
+        pytest.skip(f"{browser} does not log console messages to stderr with --enable-logging=stderr")
+
+    run_dir, stats, html = real_run
+    dom, console = _render_in_chromium(browser, run_dir / "report.html")
+    assert console == []
+    title = re.search(r"<h1[^>]*>(.*?)</h1>", html).group(1)
+    assert title in dom and '<nav class="toc" id="contents"' in dom and ">Contents</h2>" in dom
+    assert dom.count('<section class="layer"') == len(stats.modules)
+
+    # Every image decodes, and every in-page link has a target: a copy of the report with a small script
+    # that reports what the browser found (the report itself has no script).
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;
+  const links = [...document.querySelectorAll('a[href^="#"]')];
+  const dangling = links.filter(a => !document.getElementById(decodeURIComponent(a.hash.slice(1)))).length;
+  console.log(`probe images=${imgs.length} broken=${broken} links=${links.length} dangling=${dangling}`);
+});
+</script></body>"""))
+    _, console = _render_in_chromium(browser, probe)
+    found = [line for line in console if "probe images=" in line]
+    assert len(found) == 1 and len(console) == 1, console
+    n_images = int(re.search(r"images=(\d+)", found[0]).group(1))
+    assert n_images == html.count("<img ") and "broken=0" in found[0] and "dangling=0" in found[0]

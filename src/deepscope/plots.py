@@ -304,3 +304,158 @@ def lr_find_plot(lrs: Sequence[float], losses: Sequence[float], suggestions: dic
     if markers:
         _legend(ax, markers)
     return fig
+
+
+# --- the report's scannable plots: labelled axes, units and colour bars ---------------------------------
+# Added for the run report (report.py); the functions above keep their own layout.
+
+REPORT_FONT = {"title": 10, "label": 9, "tick": 8}  # points; at the report's dpi every text is ~9 px or more
+
+
+def _small_text(ax) -> None:
+    ax.title.set_fontsize(REPORT_FONT["title"])
+    ax.xaxis.label.set_fontsize(REPORT_FONT["label"])
+    ax.yaxis.label.set_fontsize(REPORT_FONT["label"])
+    ax.tick_params(labelsize=REPORT_FONT["tick"])
+
+
+def _report_legend(ax, handles: list) -> None:
+    """A legend inside the axes in the report's type size, labels drawn literally."""
+    legend = ax.legend(handles, [h.get_label() for h in handles], fontsize=REPORT_FONT["tick"], loc="best",
+                       framealpha=0.7, handlelength=1.5)
+    literal(*legend.get_texts())
+
+
+def color_dim_panel(stats, module: str, ax=None, *, title: str | None = None):
+    """`color_dim` with its axes labelled (training step; |activation| bin) and a colour bar saying what
+    the colour means (log(1 + count) of the values in a bin at that step)."""
+    fig, ax = _axes(ax, figsize=(5, 3.5))
+    color_dim(stats, module, ax=ax, title=f"{module}: |activation| histogram" if title is None else title)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("|activation| (bin)")
+    bar = fig.colorbar(ax.get_images()[-1], ax=ax, fraction=0.08, pad=0.03)
+    bar.set_label("log(1 + count)", fontsize=REPORT_FONT["label"])
+    bar.ax.tick_params(labelsize=REPORT_FONT["tick"])
+    _small_text(ax)
+    return fig
+
+
+def _positive_range(values) -> tuple[float, float] | None:
+    """(min, max) of the finite positive values, or None when there are none."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    return (float(values.min()), float(values.max())) if values.size else None
+
+
+def layer_heatmap(stats, field: str, modules: Sequence[str] | None = None, ax=None, *, title: str, label: str,
+                  log: bool = False, center: float | None = None, vmin: float | None = None,
+                  vmax: float | None = None, highlight: Sequence[str] = ()):
+    """One row per layer, one column per recorded step, colour = `stats.<field>` (with a labelled colour
+    bar): every layer at a glance instead of a tangle of lines. `field` is a (T, M) array over
+    `stats.modules`, or over `stats.param_modules` for update_ratio, param_grad_norm and weight_norm.
+    `log`: logarithmic colours; `center`: logarithmic colours symmetric about this value on a diverging
+    map (the update ratio about 1e-3). Grey: not measured. Layers in `highlight` (flagged by a finding)
+    get a red name. Layers with no finite value at all are left out."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    owner = stats.param_modules if field in ("update_ratio", "param_grad_norm", "weight_norm") else stats.modules
+    values = np.asarray(getattr(stats, field), dtype=float)
+    cols = [(i, n) for i, n in _names(owner, modules) if np.isfinite(values[:, i]).any()]
+    fig, ax = _axes(ax, figsize=(6.2, max(2.6, 1.0 + 0.24 * len(cols))))
+    image = values[:, [i for i, _ in cols]].T if cols else np.full((1, max(len(stats.steps), 1)), np.nan)
+    cmap = plt.get_cmap("coolwarm" if center else "viridis").with_extremes(bad="0.85")
+    span = _positive_range(image) if (log or center) else None
+    if center and span:
+        k = max(center / span[0], span[1] / center, 10.0)
+        norm = LogNorm(center / k, center * k)
+    elif log and span:
+        norm = LogNorm(vmin or span[0], vmax or max(span[1], span[0] * 1.0001))
+        image = np.where(image > 0, image, np.nan)  # log colours: zero or below is shown as not measured
+    else:
+        norm = Normalize(vmin, vmax)
+    if center and span:
+        image = np.where(image > 0, image, np.nan)
+    im = ax.imshow(np.ma.masked_invalid(image), aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
+    _step_ticks(ax, stats.steps)
+    names = [n for _, n in cols]
+    ax.set_yticks(range(len(names)), names)
+    for tick, name in zip(ax.get_yticklabels(), names):
+        literal(tick)
+        if name in highlight:
+            tick.set(color="#c62828", fontweight="bold")
+    ax.set_title(title, **LITERAL)
+    ax.set(xlabel="training step", ylabel="layer")
+    bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+    bar.set_label(label, fontsize=REPORT_FONT["label"])
+    bar.ax.tick_params(labelsize=REPORT_FONT["tick"])
+    if center and span:
+        bar.ax.axhline(center, color="k", lw=1)
+    _small_text(ax)
+    return fig
+
+
+def layer_panels(stats, module: str, *, shared: bool = True):
+    """Small multiples for one layer, one row of five panels in the same place for every layer: the
+    |activation| histogram over training (with its colour bar), activation mean and std, the fraction of
+    "off" values (0-1), gradient norms (output and parameters) and the update / weight ratio (with the
+    ~1e-3 reference; "owns no parameters" otherwise). `shared`: the gradient and update panels use the
+    same log y range for every layer, so two layers' panels compare at a glance."""
+    fig, axs = subplots(1, 5, figsize=(14, 2.7), gridspec_kw={"width_ratios": [1.3, 1, 1, 1, 1]})
+    ((i, _),) = _names(stats.modules, [module])
+    steps = stats.steps
+    color_dim_panel(stats, module, ax=axs[0], title="|activation| histogram")
+
+    ax = axs[1]
+    lines = [ax.plot(steps, stats.act_mean[:, i], lw=1.2, label="mean")[0],
+             ax.plot(steps, stats.act_std[:, i], lw=1.2, label="std")[0]]
+    ax.axhline(0, color="0.6", lw=0.6)
+    ax.set(title="activation mean and std", xlabel="training step", ylabel="value (output units)")
+    _report_legend(ax, lines)
+
+    ax = axs[2]
+    rules = stats.dead_rules or []
+    rule = rules[i].split(":", 1)[0] if i < len(rules) else f"|a| ≤ {float(stats.dead_threshold):.2g}"
+    ax.plot(steps, stats.act_dead[:, i], lw=1.2, color="tab:red")
+    ax.set(title=f"off fraction ({rule})", xlabel="training step", ylabel="fraction of values (0-1)", ylim=(-0.02, 1.02))
+    ax.title.set(**LITERAL)
+
+    j = list(stats.param_modules).index(module) if module in stats.param_modules else None
+    ax = axs[3]
+    grads = [("output gradient", stats.grad_norm[:, i])]
+    if j is not None:
+        grads.append(("parameter gradient", stats.param_grad_norm[:, j]))
+    grads = [(name, g) for name, g in grads if np.isfinite(g).any() and (np.asarray(g)[np.isfinite(g)] > 0).any()]
+    ax.set(title="gradient norm", xlabel="training step", ylabel="L2 norm (log)")
+    if grads:
+        lines = [ax.plot(steps, g, lw=1.2, label=name, color=f"C{k + 2}")[0] for k, (name, g) in enumerate(grads)]
+        ax.set_yscale("log")
+        _report_legend(ax, lines)
+        span = _positive_range(np.concatenate([np.ravel(stats.grad_norm), np.ravel(stats.param_grad_norm)])) if shared else None
+        if span:
+            ax.set_ylim(span[0] / 1.5, span[1] * 1.5)
+    else:
+        ax.text(0.5, 0.5, "no gradient recorded", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        ax.set(xticks=[], yticks=[])
+
+    ax = axs[4]
+    ax.set(title="update / weight ratio", xlabel="training step", ylabel="||Δw|| / ||w|| (log)")
+    ratio = stats.update_ratio[:, j] if j is not None else None
+    if ratio is not None and np.isfinite(ratio).any() and (ratio[np.isfinite(ratio)] > 0).any():
+        line = ax.plot(steps, ratio, lw=1.2, color="tab:purple", label="update ratio")[0]
+        reference = ax.axhline(UPDATE_RATIO_REFERENCE, color="k", ls="--", lw=1.2, alpha=0.6, label="1e-3 reference")
+        ax.set_yscale("log")
+        span = _positive_range(stats.update_ratio) if shared else _positive_range(ratio)
+        if span:
+            ax.set_ylim(min(span[0], UPDATE_RATIO_REFERENCE) / 1.5, max(span[1], UPDATE_RATIO_REFERENCE) * 1.5)
+        _report_legend(ax, [line, reference])
+    else:
+        ax.text(0.5, 0.5, "owns no parameters" if j is None else "not measured", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9)
+        ax.set(xticks=[], yticks=[])
+    for ax in axs[1:]:
+        if not ax.texts:  # a panel saying "owns no parameters" keeps no ticks
+            ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
+        _small_text(ax)
+    # fixed margins: tight_layout would measure every tick label once more (half the time of a figure)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.2, top=0.88, wspace=0.55)
+    return fig

@@ -1,36 +1,39 @@
 """The HTML report: a pure function of a run folder, so any past run can be re-rendered.
 
 The result is one self-contained file: plots are inlined as data URIs, styles are inline, nothing is
-fetched. Jinja2's autoescaping escapes every name, config string and finding shown.
+fetched and there is no script. Jinja2's autoescaping escapes every name, config string and finding shown.
 
-Sections, each shown only when its file is in the folder (only config.json is required):
-findings (findings.json, errors first), summary and configuration (config.json), metrics (metrics.json,
-recorder.json), layers (stats.npz: a table of last values, then mean/std, the colourful-dimension grid, dead
-activations, gradient norms and update ratios for every layer, and a status screen for at most three
-layers — the first, the middle and the last — to keep the file small), the LR finder (lr_find.json) and an
-ablation table (ablation.csv).
+Layout, made to be scanned: a table of contents (in-page links, one per section and per layer); the summary
+(the result: final validation accuracy and loss, epochs, wall time; the findings grouped by cause, each root
+cause with its symptoms indented under it and every finding about a layer linked to that layer's section;
+three key plots, chosen by what the findings point to, else the loss, activation std and off fraction);
+metrics (metrics.json, recorder.json); layers (stats.npz: a table of last values linking to the layers,
+heatmaps of every layer at a glance, then one section per watched module, id `layer-<name>`, with its
+findings and one small-multiples image: |activation| histogram with colour bar, mean/std, off fraction,
+gradient norms, update ratio); the LR finder (lr_find.json); an ablation table (ablation.csv); the
+configuration and environment, folded away in <details>. Only config.json is required; every other part
+is shown when its file is in the folder.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import jinja2
 import numpy as np
 
 from .errors import DataError
-from .plots import (
-    color_dim_grid, dead_chart, figure_to_data_uri, grad_norm_plot, lr_find_plot, mean_std_plot, plot_curve,
-    plot_metrics, status_screen, update_ratio_plot,
-)
+from .plots import figure_to_data_uri, layer_heatmap, layer_panels, lr_find_plot, plot_curve, plot_metrics
 from .runfolder import (
     ABLATION_CSV, FINDINGS, LR_FIND, METRICS, RECORDER, REPORT, STATS, read_config, read_json, write_text,
 )
 
 SEVERITIES = ("error", "warning", "info")  # the order findings are listed in
-DPI = 90  # enough to read, small enough that a report with a dozen plots stays around a megabyte
+DPI = 80  # enough to read (9 px text and up), small enough that the report of a 13-layer CNN stays near a megabyte
+LAYER_DPI = 72  # the per-layer small multiples: one row of five panels, about 1000 px wide
 
 
 def _number(value) -> str:
@@ -191,51 +194,165 @@ def status_modules(modules: list[str], n: int = 3) -> list[str]:
     return [modules[k] for k in idx]
 
 
-def _layer_figures(stats) -> dict:
-    uri = lambda fig: figure_to_data_uri(fig, DPI)
-    figs = {"mean_std": uri(mean_std_plot(stats)), "color_dim": uri(color_dim_grid(stats)), "dead": uri(dead_chart(stats))}
-    if np.isfinite(stats.grad_norm).any():
-        figs["grad_norm"] = uri(grad_norm_plot(stats))
-    if len(stats.param_modules):
-        figs["param_grad_norm"] = uri(grad_norm_plot(stats, params=True))
-        figs["update_ratio"] = uri(update_ratio_plot(stats))
-    return figs
+# Which per-layer overview answers the question a finding raises (the summary shows the first three plots
+# that the findings point to, then the loss curve, the activation std and the off fraction).
+KEY_PLOT_FOR = {
+    "dead_units": "act_dead", "saturation": "act_dead",
+    "activation_explosion": "act_std", "activation_collapse": "act_std", "input_not_normalized": "act_std",
+    "symmetric_init": "act_std", "nonfinite_forward": "act_std", "batchnorm_small_batch": "act_std",
+    "gradient_explosion": "grad_norm", "no_gradient": "grad_norm", "nonfinite_backward": "grad_norm",
+    "nonfinite_loss": "grad_norm", "diverged": "grad_norm",
+    "lr_too_high": "update_ratio", "lr_too_low": "update_ratio", "not_learning": "update_ratio",
+}
+DEFAULT_KEY_PLOTS = ("loss", "act_std", "act_dead", "grad_norm", "update_ratio")
+HEATMAPS = {  # field: (title, caption, colour-bar label, options)
+    "act_std": ("activation std per layer", "Activation std per layer",
+                "activation std (log scale)", {"log": True}),
+    "act_dead": ("fraction of 'off' values per layer (at the floor, saturated, or near 0)", "Off fraction per layer",
+                 "fraction of values off (0-1)", {"vmin": 0.0, "vmax": 1.0}),
+    "grad_norm": ("gradient norm flowing out of each layer", "Gradient norm per layer",
+                  "output-gradient L2 norm (log)", {"log": True}),
+    "update_ratio": ("update / weight ratio per layer (white: the healthy 1e-3)", "Update / weight ratio per layer",
+                     "||Δw|| / ||w|| (log scale)", {"center": 1e-3}),
+}
+
+
+def layer_anchor_ids(modules) -> dict[str, str]:
+    """An HTML id for each module's section: "layer-" and the name with every character outside
+    [A-Za-z0-9_.-] replaced by "-" (so the id needs no escaping in a URL fragment), made unique with a
+    numeric suffix; "" (the model itself) is "layer-model"."""
+    ids, used = {}, set()
+    for name in modules:
+        base = "layer-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-") or "model")
+        anchor, k = base, 2
+        while anchor in used:
+            anchor, k = f"{base}-{k}", k + 1
+        used.add(anchor)
+        ids[name] = anchor
+    return ids
+
+
+def group_findings(findings: list[dict]) -> list[dict]:
+    """Findings (in `sort_findings`' order) as groups: a root cause with the symptoms it explains under it.
+    A symptom whose cause is itself a symptom joins its cause's group; one whose cause was not found is
+    a group of its own."""
+    groups: list[dict] = []
+    for f in findings:
+        home = None
+        if f["caused_by"]:
+            home = next((g for g in groups if f["caused_by"] in [g["cause"]["kind"]] + [s["kind"] for s in g["symptoms"]]), None)
+        if home is None:
+            groups.append({"cause": f, "symptoms": []})
+        else:
+            home["symptoms"].append(f)
+    return groups
+
+
+def _has_statistics(stats, i: int) -> bool:
+    return bool(np.isfinite(stats.act_mean[:, i]).any())
+
+
+def key_plot_choice(findings: list[dict], available) -> list[tuple[str, str]]:
+    """The three plots of the summary as (key, why): those the findings point to first (in their order,
+    causes first), then the loss curve, activation std, off fraction, gradient and update norms."""
+    chosen: list[tuple[str, str]] = []
+    for f in findings:
+        key = KEY_PLOT_FOR.get(f["kind"])
+        if key in available and key not in [k for k, _ in chosen]:
+            where = f" in {f['module']}" if f["module"] else ""
+            chosen.append((key, f"shown because of the finding {f['kind']}{where}"))
+    for key in DEFAULT_KEY_PLOTS:
+        if key in available and key not in [k for k, _ in chosen]:
+            chosen.append((key, ""))
+    if "loss" in available and "loss" not in [k for k, _ in chosen[:3]]:
+        chosen.insert(min(2, len(chosen)), ("loss", ""))  # the loss curve always makes the summary
+    return chosen[:3]
+
+
+def _layer_sections(stats, findings: list[dict], anchors: dict[str, str]) -> list[dict]:
+    rows = {row["module"]: row for row in layer_table(stats)}
+    rules = stats.dead_rules or []
+    sections = []
+    for i, name in enumerate(stats.modules):
+        figure = figure_to_data_uri(layer_panels(stats, name), LAYER_DPI) if _has_statistics(stats, i) else None
+        sections.append({"module": name, "id": anchors[name], "row": rows[name], "figure": figure,
+                         "owns_params": name in stats.param_modules,
+                         "rule": rules[i] if i < len(rules) else "",
+                         "findings": [f for f in findings if f["module"] == name]})
+    return sections
 
 
 def build_context(run: dict) -> dict:
-    figures = {}
+    findings = sort_findings(run["findings"])
+    stats, lr_find = run["stats"], run["lr_find"]
+    has_layers = stats is not None and len(stats.modules) and len(stats.steps)
+    anchors = layer_anchor_ids(stats.modules) if has_layers else {}
+    for f in findings:
+        f["anchor"] = anchors.get(f["module"], "") if f["module"] else ""  # "": the model, loss or data
+    flagged = {f["module"] for f in findings if f["module"]}
+
+    figures, captions = {}, {}
     if run["metrics"]:
-        figures["metrics"] = figure_to_data_uri(plot_metrics(run["metrics"]))
+        figures["metrics"] = figure_to_data_uri(plot_metrics(run["metrics"]), DPI)
+        captions["metrics"] = "Loss and accuracy per epoch"
     rec = run["recorder"]
     if rec and rec.get("loss"):
-        figures["loss"] = figure_to_data_uri(plot_curve(rec["loss"], title="training loss per batch", xlabel="batch",
-                                                        ylabel="loss", smooth=max(1, len(rec["loss"]) // 50)))
+        figures["loss"] = figure_to_data_uri(plot_curve(rec["loss"], title="training loss per batch (line: moving average)",
+                                                        xlabel="batch", ylabel="loss",
+                                                        smooth=max(1, len(rec["loss"]) // 50)), DPI)
+        captions["loss"] = "Training loss per batch"
         if rec.get("lr"):
-            figures["lr"] = figure_to_data_uri(plot_curve(rec["lr"], title="learning rate", xlabel="batch", ylabel="lr"))
-    stats, lr_find = run["stats"], run["lr_find"]
+            figures["lr"] = figure_to_data_uri(plot_curve(rec["lr"], title="learning-rate schedule", xlabel="batch",
+                                                          ylabel="learning rate"), DPI)
+            captions["lr"] = "Learning rate per batch"
+    elif "metrics" in figures:
+        figures["loss"], captions["loss"] = figures.pop("metrics"), captions.pop("metrics")
+
     layers = None
-    if stats is not None and len(stats.modules) and len(stats.steps):
+    if has_layers:
+        for field, (title, caption, label, options) in HEATMAPS.items():
+            owner = stats.param_modules if field == "update_ratio" else stats.modules
+            if len(owner) and np.isfinite(getattr(stats, field)).any():
+                figures[field] = figure_to_data_uri(layer_heatmap(stats, field, title=title, label=label,
+                                                                  highlight=sorted(flagged), **options), DPI)
+                captions[field] = caption
         sample = run["config"].get("config", {}).get("stats_sample")  # absent in runs of older versions
         invisible = [name or "the model itself" for name in (getattr(stats, "invisible", None) or [])]
-        layers = {"table": layer_table(stats), "figures": _layer_figures(stats), "n_steps": len(stats.steps),
-                  "invisible": invisible,
-                  "sample": sample,
-                  "status": [(m, figure_to_data_uri(status_screen(stats, m), DPI)) for m in status_modules(list(stats.modules))]}
+        layers = {"sections": _layer_sections(stats, findings, anchors), "n_steps": len(stats.steps),
+                  "invisible": invisible, "sample": sample}
+    key_plots = [{"key": k, "why": why, "caption": captions[k], "uri": figures[k]}
+                 for k, why in key_plot_choice(findings, figures)]
+    in_summary = {p["key"] for p in key_plots}
     if lr_find and lr_find.get("lrs"):
         lr_find = {"suggestions": lr_find.get("suggestions") or {}, "message": lr_find.get("message") or "",
-                   "figure": figure_to_data_uri(lr_find_plot(lr_find["lrs"], lr_find["losses"], lr_find.get("suggestions")))}
+                   "figure": figure_to_data_uri(lr_find_plot(lr_find["lrs"], lr_find["losses"], lr_find.get("suggestions")), DPI)}
     else:
         lr_find = None
-    last = run["metrics"][-1] if run["metrics"] else {}
+    metrics = run["metrics"]
+    last = metrics[-1] if metrics else {}
     cfg = run["config"]
     # A report is also rendered inside the staging folder `<name>.partial` before it is renamed.
     title = run.get("title") or f"deepscope run {run['dir'].name.removesuffix('.partial')}"
-    return {"title": title,
+    losses = (rec or {}).get("loss") or []
+    tail = [v for v in losses[-20:] if math.isfinite(v)]
+    result = {"epochs": last.get("epoch", len(metrics)) if metrics else None,
+              "planned_epochs": cfg.get("config", {}).get("epochs"),
+              "valid_accuracy": last.get("valid_accuracy"), "valid_loss": last.get("valid_loss"),
+              "train_loss": last.get("train_loss"), "batches": len(losses),
+              "recent_loss": sum(tail) / len(tail) if tail else None, "recent_n": len(tail), "wall_seconds": cfg.get("wall_seconds")}
+    sections = [("summary", "Summary"), ("metrics", "Metrics")]
+    if layers:
+        sections.append(("layers", "Layers"))
+    sections += [(k, t) for k, t, present in (("lr-find", "Learning-rate finder", lr_find), ("ablation", "Ablation", run["ablation"]))
+                 if present]
+    sections += [("configuration", "Configuration"), ("environment", "Environment and data")]
+    return {"title": title, "toc": sections,
             "diagnosed": run["findings"] is not None, "config": cfg.get("config", {}),
             "environment": cfg.get("environment", {}), "data": cfg.get("data", {}), "wall_seconds": cfg.get("wall_seconds"),
-            "metrics": run["metrics"], "metric_columns": list(run["metrics"][0]) if run["metrics"] else [],
-            "last": last, "figures": figures, "findings": sort_findings(run["findings"]), "layers": layers,
-            "lr_find": lr_find, "ablation": run["ablation"]}
+            "metrics": metrics, "metric_columns": list(metrics[0]) if metrics else [],
+            "last": last, "result": result, "figures": figures, "captions": captions, "key_plots": key_plots,
+            "in_summary": in_summary, "findings": findings, "finding_groups": group_findings(findings),
+            "layers": layers, "lr_find": lr_find, "ablation": run["ablation"]}
 
 
 def render_report(run_dir: str | Path) -> str:
