@@ -185,3 +185,15 @@ def test_runs_says_so_when_there_are_none(tmp_path, capsys):
     assert main(["runs", str(tmp_path)]) == 0
     assert "no deepscope runs in" in capsys.readouterr().out
     _error(capsys, main(["runs", str(tmp_path / "nope")]), "does not exist")
+
+
+def test_an_out_named_as_a_folder_gets_compare_html_inside(made, tmp_path, monkeypatch):
+    """`--out newdir/` (or a name without .html) is a folder: the page goes inside it, never into a file
+    named like the folder."""
+    from deepscope.cli import main
+
+    runs = [str(made["runs"] / "a"), str(made["runs"] / "b")]
+    for given in (f"{tmp_path}/newdir/", f"{tmp_path}/other"):
+        assert main(["compare", *runs, "--out", given]) == 0
+        folder = tmp_path / given.rstrip("/").rsplit("/", 1)[-1]
+        assert folder.is_dir() and (folder / "compare.html").is_file()

@@ -244,7 +244,7 @@ def test_back_at_chance_for_a_stretch_is_divergence_and_the_story_is_told_in_ord
     v = list(np.r_[np.linspace(chance, 2.0, 40), [3.3], np.full(60, chance), np.linspace(chance, 2.2, 17)])
     (f,) = check_loss_history(v, n_classes=10)
     assert f.kind == "lr_too_high" and f.evidence["steps_at_chance"] >= 50
-    assert "spiked to 3.3 at step 40" in f.message and f"was {f.evidence['final_loss']:.4g} at the end" in f.message
+    assert "spiked to 3.3 at step 40" in f.message and f"back to {f.evidence['final_loss']:.4g} at the end" in f.message
     assert f.evidence["final_loss"] < chance * 0.97  # partly recovered: the stretch at chance still counts
     # the loss never went down: no "came down, then went back" story, whatever the spike
     early_spike = list(np.r_[[chance, 20.0], np.full(98, 1.9)])

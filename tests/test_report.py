@@ -350,3 +350,21 @@ window.addEventListener("load", () => {
     assert len(found) == 1 and len(console) == 1, console
     n_images = int(re.search(r"images=(\d+)", found[0]).group(1))
     assert n_images == html.count("<img ") and "broken=0" in found[0] and "dangling=0" in found[0]
+
+
+def test_the_report_says_what_the_diagnosis_checked(tmp_path):
+    """A report of a healthy run says more than "no problems": which checks ran on how many steps (from the
+    run's checks.json, which `deepscope train` writes)."""
+    import json
+
+    from conftest import write_tiny_dataset
+    from deepscope.cli import main
+
+    data = write_tiny_dataset(tmp_path / "data", n_train=512, n_test=32)
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(data), "--no-verify", "--nfs", "4", "8", "--threads", "1",
+                 "--epochs", "1", "--quiet", "--out", str(out)]) in (0, 1)
+    checks = json.loads((out / "checks.json").read_text())
+    assert checks["steps"] == 2 and checks["summary"].startswith(f"{len(checks['ran'])} checks on 2 steps")  # 512 / 256
+    page = (out / "report.html").read_text()
+    assert "What was checked: " + checks["summary"].split(":")[0] in page

@@ -134,7 +134,10 @@ def check_out(out: str | Path | None, run_dirs: list[Path]) -> Path:
     """Where to write the page (see the module doc), made absolute; OutputError when it may not go there."""
     given = DEFAULT_OUT if out is None else str(out)
     raw = Path(given).expanduser()
-    if raw.is_dir() and not raw.is_symlink():
+    # a folder, an existing one or one named with a trailing slash or without a .html/.htm suffix, gets
+    # compare.html inside it (made if missing)
+    as_folder = given.endswith(("/", os.sep)) or raw.suffix.lower() not in (".html", ".htm")
+    if (raw.is_dir() and not raw.is_symlink()) or (as_folder and not raw.exists()):
         raw = raw / DEFAULT_OUT
     path = Path(os.path.abspath(raw))
     if path.is_symlink():

@@ -21,7 +21,7 @@ from .learner import Learner
 from .models import get_model
 from .norms import NORM_KINDS
 from .optim import OPTIMIZERS
-from .runfolder import FINDINGS, METRICS, RECORDER, STATS, WEIGHTS, RunFolder, environment
+from .runfolder import CHECKS, FINDINGS, METRICS, RECORDER, STATS, WEIGHTS, RunFolder, environment
 from .seed import set_seed
 from .stats import ActivationStats
 from .weights import save_weights
@@ -110,6 +110,7 @@ class RunResult:
     failed_steps: tuple[str, ...] = ()  # optional steps (the report) that could not be written
     findings: tuple = ()  # the diagnosis of the run (Findings, causes first)
     checked: str = ""  # what the diagnosis checked, in a line (Analysis.summary)
+    train_seconds: float | None = None  # the training alone (config.json's wall_seconds); `seconds` is the whole run
 
 
 def nonfinite_loss(losses: list[float], history: list[dict]) -> str | None:
@@ -166,6 +167,8 @@ def train(config: TrainConfig, *, progress: bool = True, quiet: bool = False, ov
         findings = [moved_paths(f, str(run.path), str(run.final)) for f in diagnosis.findings]
         checked = diagnosis.analysis.summary() if diagnosis.analysis is not None else ""
         save_findings(run.file(FINDINGS), findings)
+        if diagnosis.analysis is not None:
+            run.write_json(CHECKS, diagnosis.analysis.to_dict())
         if learn.get_cb(ActivationStats) is not None:
             learn.get_cb(ActivationStats).save(run.file(STATS))
         if config.tensorboard:
@@ -180,4 +183,4 @@ def train(config: TrainConfig, *, progress: bool = True, quiet: bool = False, ov
     return RunResult(run_dir, metrics.history, time.perf_counter() - started, valid_samples(config, dls),
                      len(dls.valid.x) if hasattr(dls.valid, "x") else None,
                      nonfinite_loss(recorder.losses, metrics.history), tuple(run.failed_optional), tuple(findings),
-                     checked)
+                     checked, seconds)

@@ -28,7 +28,7 @@ import numpy as np
 from .errors import DataError
 from .plots import figure_to_data_uri, layer_heatmap, layer_panels, lr_find_plot, plot_curve, plot_metrics
 from .runfolder import (
-    ABLATION_CSV, FINDINGS, LR_FIND, METRICS, RECORDER, REPORT, STATS, read_config, read_json, write_text,
+    ABLATION_CSV, CHECKS, FINDINGS, LR_FIND, METRICS, RECORDER, REPORT, STATS, read_config, read_json, write_text,
 )
 
 SEVERITIES = ("error", "warning", "info")  # the order findings are listed in
@@ -134,6 +134,14 @@ def _lr_find(path: Path) -> dict | None:
     return {**data, "lrs": lrs, "losses": losses, "suggestions": suggestions}
 
 
+def _checks(path: Path) -> str | None:
+    """The diagnosis' "what was checked" line (checks.json), or None in runs written before it existed."""
+    if not path.is_file():
+        return None
+    summary = read_json(path, dict).get("summary")
+    return summary if isinstance(summary, str) else None
+
+
 def load_run(run_dir: str | Path) -> dict:
     """Everything in a run folder that the report shows; missing optional parts are None. Raises
     DataError naming the file when one is malformed or holds values of the wrong type."""
@@ -142,6 +150,7 @@ def load_run(run_dir: str | Path) -> dict:
         raise DataError(f"{run_dir} is not a folder; pass a run folder that `deepscope train` wrote")
     return {"dir": run_dir, "config": read_config(run_dir), "metrics": _metrics(run_dir / METRICS),
             "recorder": _recorder(run_dir / RECORDER), "findings": _findings(run_dir / FINDINGS),
+            "checks": _checks(run_dir / CHECKS),
             "lr_find": _lr_find(run_dir / LR_FIND), "ablation": _read_csv(run_dir / ABLATION_CSV),
             "stats": load_stats_file(run_dir)}
 
@@ -347,7 +356,7 @@ def build_context(run: dict) -> dict:
                  if present]
     sections += [("configuration", "Configuration"), ("environment", "Environment and data")]
     return {"title": title, "toc": sections,
-            "diagnosed": run["findings"] is not None, "config": cfg.get("config", {}),
+            "diagnosed": run["findings"] is not None, "checks": run.get("checks"), "config": cfg.get("config", {}),
             "environment": cfg.get("environment", {}), "data": cfg.get("data", {}), "wall_seconds": cfg.get("wall_seconds"),
             "metrics": metrics, "metric_columns": list(metrics[0]) if metrics else [],
             "last": last, "result": result, "figures": figures, "captions": captions, "key_plots": key_plots,

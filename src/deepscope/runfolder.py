@@ -47,6 +47,7 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 RECORDER = "recorder.json"
 FINDINGS = "findings.json"
+CHECKS = "checks.json"  # what the diagnosis checked (diagnose.Analysis.to_dict() and its summary line)
 STATS = "stats.npz"
 WEIGHTS = "model.safetensors"
 REPORT = "report.html"

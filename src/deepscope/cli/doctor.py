@@ -27,7 +27,7 @@ class FirstBatches:
 
 
 def add_parser(subparsers) -> None:
-    from ..diagnose.thresholds import DEFAULT_STEPS
+    from ..diagnose.thresholds import DOCTOR_STEPS
 
     p = subparsers.add_parser(
         "doctor", help="diagnose a training set-up: what is wrong, where, and what to try",
@@ -38,8 +38,9 @@ def add_parser(subparsers) -> None:
                     "(default runs/doctor-<date>-<time>). Exits 0 even when it finds problems.",
     )
     add_config_arguments(p, run_prefix="doctor")
-    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
-                   help="training steps of the instrumented run (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=DOCTOR_STEPS,
+                   help="training steps of the instrumented run (default: %(default)s: a learning rate that "
+                        "diverges after a few dozen steps, and a loss stuck at chance, need that many to show)")
     p.set_defaults(func=run)
 
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ..diagnose import diagnose_run, moved_paths, save_findings
     from ..diagnose.finding import format_summary
     from ..recipe import build_model, make_optimizer_factory
-    from ..runfolder import FINDINGS, RunFolder, environment
+    from ..runfolder import CHECKS, FINDINGS, RunFolder, environment
     from ..seed import set_seed
 
     config = config_from_args(args)
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         # The batch was saved in the staging folder, which becomes the run folder: name the final place.
         findings = [moved_paths(f, str(run.path), str(run.final)) for f in findings]
         save_findings(run.file(FINDINGS), findings)
+        run.write_json(CHECKS, analysis.to_dict())
         run.write_config(config.to_dict(), environment=environment(device), data=dls.info,
                          options={"steps": args.steps})
         run_dir = run.finish()

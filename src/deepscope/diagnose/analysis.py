@@ -191,8 +191,8 @@ class Analysis:
         return f"{findings_html(self.findings)}<p><small>{html.escape(self.summary())}</small></p>"
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "ran": list(self.ran), "skipped": [list(s) for s in self.skipped],
-                "caveats": list(self.caveats)}
+        return {"summary": self.summary(), "steps": self.steps, "ran": list(self.ran),
+                "skipped": [list(s) for s in self.skipped], "caveats": list(self.caveats)}
 
 
 def dedupe(findings: list[Finding]) -> list[Finding]:

@@ -76,7 +76,7 @@ def check_activation_crash(modules: list[str], steps: np.ndarray, act_std: np.nd
                     f"The output std of {c['module']!r} {rose} {c['peak_std']:.3g} at step {c['peak_step']}, then "
                     f"crashed to {c['low_std']:.3g} over steps {a}-{b} ({c['ratio']:.2g}x its peak; threshold "
                     f"{ACT_CRASH_RATIO:g}x and below {ACT_CRASH_FLOOR:g}){recovered}: training switched the layer "
-                    f"off.{also}",
+                    f"off{' for a stretch' if recovered else ''}.{also}",
                     _FIX_DIVERGED, {**c, "end_rows": k, "collapsed": [d["module"] for d in crashed]})]
 
 
@@ -150,11 +150,13 @@ def check_loss_history(losses: list[float], n_classes: int | None = None) -> lis
             spike_at = low_at + int(v[low_at:].argmax())
             spiked = f", spiked to {v[spike_at]:.4g} at step {spike_at}" if v[spike_at] > low * LOSS_SPIKE_RATIO else ""
             end = (f" and ended there ({final:.4g})" if ended else
-                   f" for {longest} steps (from step {where}) and was {final:.4g} at the end")
+                   f" for {longest} steps (from step {where}), and was only back to {final:.4g} at the end")
+            died = " Training diverged and the network died." if ended else \
+                " Training diverged: what the network had learned was lost, and it is relearning from chance."
             return [Finding("lr_too_high", "", "error",
                             f"The model fell back to predicting no better than chance: the training loss had come down to {low:.4g} (around "
                             f"step {low_at + CHANCE_SMOOTH // 2}){spiked}, then went back to chance level "
-                            f"ln({n_classes}) = {chance:.4g}{end}. Training diverged and the network died.",
+                            f"ln({n_classes}) = {chance:.4g}{end}.{died}",
                             _FIX_DIVERGED,
                             {**evidence, "n_classes": n_classes, "chance_loss": chance, "lowest_loss": low,
                              "steps_at_chance": longest, "back_at_chance_from": where})]

@@ -7,6 +7,9 @@ Change one here and the tests in tests/test_diagnose_analyse.py show what it mov
 # A few dozen steps: enough for the loss to move, for a dead unit to stay dead and for a too-high learning
 # rate to diverge, and still about a second on a CPU for a small model.
 DEFAULT_STEPS = 30
+# `deepscope doctor` runs longer: lesson 10's plain CNN at lr 0.6 diverges around step 42, and the checks
+# for a loss stuck at chance need 100 steps (NOT_LEARNING_MIN_STEPS); about 15 s for the default CNN.
+DOCTOR_STEPS = 100
 
 # --- dead units (what "off" and "dead" mean is deepscope.dead's, one definition for everything) ----------
 # 40% of a layer's units dead is lost capacity worth a warning. Healthy ReLU layers lose fewer: at most 28%
