@@ -53,7 +53,7 @@ def test_fit_logs_loss_lr_metrics_histograms_and_layer_stats(tmp_path):
     np.testing.assert_allclose([e.value for e in loss], [spy.losses[e.step] for e in loss], rtol=1e-6)
     assert [e.value for e in ea.Scalars("train/lr")] == pytest.approx([0.1] * 5)
     valid_loss = ea.Scalars("epoch/valid_loss")
-    assert [e.step for e in valid_loss] == [1, 2]
+    assert [e.step for e in valid_loss] == [5, 10]  # the global steps the two epochs ended on
     np.testing.assert_allclose([e.value for e in valid_loss], [r["valid_loss"] for r in metrics.history], rtol=1e-6)
     assert {"epoch/train_loss", "epoch/valid_accuracy"} <= set(ea.Tags()["scalars"])
     weights = {f"weights/{n}" for n in ("0.weight", "0.bias", "2.weight", "2.bias")}
@@ -294,8 +294,10 @@ def test_a_second_fit_continues_the_steps(tmp_path):
     np.testing.assert_allclose([e.value for e in logged], np.concatenate([first.act_std[:, 2], second.act_std[:, 2]]),
                                rtol=1e-6)
     assert [e.step for e in ea.Histograms("activations/0")] == list(range(15))
-    assert [e.step for e in ea.Scalars("epoch/valid_loss")] == [1, 2, 3]
-    assert [e.step for e in ea.Histograms("weights/0.weight")] == [1, 2, 3]
+    # epoch metrics at the global step each epoch ended on: the same x axis as the per-step tags
+    assert [e.step for e in ea.Scalars("epoch/valid_loss")] == [5, 10, 15]
+    assert [e.value for e in ea.Scalars("epoch/epoch")] == [1, 2, 3]
+    assert [e.step for e in ea.Histograms("weights/0.weight")] == [5, 10, 15]
     assert [e.step for e in ea.Tensors("diagnosis/text_summary")] == [5, 15]
     assert len(ea.Tensors(metadata.SESSION_START_INFO_TAG)) == 1  # the hyper-parameters once
 

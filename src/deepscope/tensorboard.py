@@ -142,7 +142,8 @@ class TensorBoardCallback(Callback):
     every / 2` training steps (one device read-back each), before any of them is merged.
 
     Every epoch: `epoch/<key>` for each value of the MetricsCallback record and (when `histograms`)
-    `weights/<parameter>` histograms, at the epoch's number (1-based, continued by later fits).
+    `weights/<parameter>` histograms, at the global step the epoch ended on (the per-step tags' x axis), with
+    `epoch/epoch` the epoch's number (1-based, continued by later fits).
 
     At the end of each fit: `diagnosis` text (one markdown line per finding of the learner's `Diagnose`,
     causes first, and its analysis's summary), and once per callback, when `hparams` is given, the HParams
@@ -243,15 +244,18 @@ class TensorBoardCallback(Callback):
             self.writer.add_scalar("train/lr", learn.lr, step)
 
     def _log_epoch(self, learn) -> None:
-        epoch = self._epochs_done
+        # at the global training step the epoch ended on, so epoch metrics share the x axis of the per-step
+        # tags (`epoch/epoch` says which epoch it was)
+        step = self.step_offset + learn.train_iter
         metrics = learn.get_cb(MetricsCallback)
         if metrics is not None and metrics.history:
+            self.writer.add_scalar("epoch/epoch", self._epochs_done, step)
             for key, value in metrics.history[-1].items():
                 if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
+                    self.writer.add_scalar(f"epoch/{key}", value, step)
         if self.histograms:
             for name, p in learn.model.named_parameters():
-                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), epoch)
+                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
         self._log_layers(learn)
         self.writer.flush()
 
