@@ -92,9 +92,12 @@ def test_color_dim_image_is_log_counts_with_bins_upwards(stats):
 def test_color_dim_grid_has_one_panel_per_layer():
     stats = make_fake_stats(M=5)
     fig = plots.color_dim_grid(stats, ncols=2)
-    assert len(fig.axes) == 5
-    assert [ax.get_title() for ax in fig.axes] == stats.modules
-    assert all(len(ax.get_images()) == 1 for ax in fig.axes)
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    assert len(panels) == 5 and len(fig.axes) == 6  # and one colour bar, shared by all
+    assert [ax.get_title() for ax in panels] == stats.modules
+    assert fig.axes[-1].get_ylabel() == "log(1 + count)"
+    assert len({im.get_clim() for ax in panels for im in ax.get_images()}) == 1  # one colour scale
+    assert panels[0].get_ylabel() == "|activation|" and panels[-1].get_xlabel() == "step"
 
 
 def test_dead_chart_is_fraction_on_unit_axis(stats):

@@ -209,16 +209,25 @@ def color_dim_grid(stats, modules: Sequence[str] | None = None, ncols: int = 4):
     cols = _names(stats.modules, _recorded(stats) if modules is None else modules)
     ncols = max(1, min(ncols, len(cols)))
     nrows = max(1, -(-len(cols) // ncols))
-    fig, axs = subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
-    for ax, (_, name) in zip(axs.flat, cols):
+    fig, axs = subplots(nrows, ncols, figsize=(3.2 * ncols + 0.8, 2.6 * nrows), squeeze=False)
+    images = []
+    for k, (ax, (_, name)) in enumerate(zip(axs.flat, cols)):
         color_dim(stats, name, ax=ax)
-        ax.set_xlabel("")
-        ax.set_ylabel("")
+        images += ax.get_images()
+        ax.set_xlabel("step" if k >= len(cols) - ncols else "")       # the bottom panel of each column
+        ax.set_ylabel("|activation|" if k % ncols == 0 else "")       # the first panel of each row
         ax.title.set_fontsize("small")
     for ax in list(axs.flat)[len(cols):]:
         fig.delaxes(ax)
-    fig.suptitle("activation histograms over training (colour = log(1 + count))")
+    # one colour scale for every panel, so colours compare across layers, and its bar
+    top = max((float(np.nanmax(im.get_array())) for im in images if np.size(im.get_array())), default=1.0)
+    for im in images:
+        im.set_clim(0.0, top if np.isfinite(top) and top > 0 else 1.0)
+    fig.suptitle("activation histograms over training")
     fig.tight_layout()
+    if images:
+        fig.colorbar(images[0], ax=[ax for ax in axs.flat if ax.figure is fig and ax in fig.axes],
+                     label="log(1 + count)", fraction=0.03, pad=0.02)
     return fig
 
 
