@@ -155,6 +155,17 @@ def load_run(run_dir: str | Path) -> dict:
             "stats": load_stats_file(run_dir)}
 
 
+def _rounded(value):
+    """Evidence for reading: floats to 4 significant digits, in lists and dicts too."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def sort_findings(findings: list[dict] | None) -> list[dict]:
     """Findings causes first (errors, then warnings, then notes), each followed by the findings it explains
     (`caused_by`); an unknown severity is shown as info."""
@@ -167,7 +178,7 @@ def sort_findings(findings: list[dict] | None) -> list[dict]:
         out.append({"kind": str(f.get("kind", "")), "module": str(f.get("module") or ""), "severity": sev,
                     "caused_by": str(f.get("caused_by") or ""),
                     "message": str(f.get("message", "")), "fix": str(f.get("fix") or ""),
-                    "evidence": json.dumps(evidence, default=str) if evidence else ""})
+                    "evidence": json.dumps(_rounded(evidence), default=str) if evidence else ""})
     # causes first (errors, then warnings, then notes), each followed by the findings it explains
     roots = sorted((f for f in out if not f["caused_by"]), key=lambda f: SEVERITIES.index(f["severity"]))
     grouped = []
