@@ -177,3 +177,14 @@ def test_data_uri_and_existing_curves():
     fig = plots.plot_metrics([{"epoch": 1, "train_loss": 1.0, "valid_loss": 1.2, "valid_accuracy": 0.5},
                               {"epoch": 2, "train_loss": 0.8, "valid_loss": 1.0, "valid_accuracy": 0.6}])
     assert list(fig.axes[0].get_lines()[1].get_ydata()) == [1.2, 1.0]
+
+
+def test_epoch_plot_has_whole_epoch_ticks_and_one_legend():
+    history = [{"epoch": e, "train_loss": 1.0 / e, "valid_loss": 1.2 / e, "valid_accuracy": 0.5 + 0.1 * e}
+               for e in (1, 2)]
+    fig = plots.plot_metrics(history)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train loss", "valid loss", "valid accuracy"]
+    assert fig.axes[1].get_legend() is None

@@ -88,13 +88,17 @@ def plot_metrics(history: list[dict], ax=None):
         if any(v is not None for v in values):
             ax.plot(epochs, values, style, label=key.replace("_", " "))
     ax.set(xlabel="epoch", ylabel="loss", title="loss and accuracy per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     acc = [r.get("valid_accuracy") for r in history]
+    handles, labels = ax.get_legend_handles_labels()
     if any(v is not None for v in acc):
         ax2 = ax.twinx()
         ax2.plot(epochs, acc, "^--", color="tab:green", label="valid accuracy")
         ax2.set_ylabel("accuracy")
-        ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
+        more = ax2.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if handles:  # one legend, placed where it covers the fewest points
+        ax.legend(handles, labels, loc="best", fontsize="small")
     return fig
 
 
