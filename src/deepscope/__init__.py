@@ -6,9 +6,10 @@ from .callback import (
     CancelTrainException, CancelValidateException,
 )
 from .callbacks import (
-    CosineSchedule, DeviceCallback, EarlyStopping, GradClip, LimitBatches, MetricsCallback, MixedPrecision,
+    Checkpoint, CosineSchedule, DeviceCallback, EarlyStopping, GradClip, LimitBatches, MetricsCallback, MixedPrecision,
     OneCycle, ParamScheduler, ProgressCallback, Recorder, SaveBest, SingleBatch, default_callbacks,
 )
+from .checkpoint import load_checkpoint, save_checkpoint
 from .cpu_memory import keep_freed_memory
 from .data import DataLoaders, TensorBatches, image_dls
 from .diagnose import Diagnose, Finding, diagnose
@@ -27,4 +28,5 @@ __all__ = [
     "DataLoaders", "TensorBatches", "image_dls", "Learner", "TrainStep", "cnn", "get_model", "resnet", "set_seed",
     "diagnose", "Diagnose", "Finding", "Hook", "Hooks", "select_modules", "LRFindResult", "lr_find",
     "ActivationStats", "Stats", "StatsRecorder", "load_stats", "watch", "Watch", "keep_freed_memory", "CosineSchedule", "EarlyStopping", "GradClip", "MixedPrecision", "SaveBest",
+    "Checkpoint", "load_checkpoint", "save_checkpoint",
 ]

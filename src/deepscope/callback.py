@@ -72,6 +72,18 @@ class Callback:
     def name(self) -> str:
         return type(self).__name__
 
+    def state_dict(self) -> dict | None:
+        """What this callback must carry across a checkpoint and resume (`Learner.state_dict`), or None when it
+        keeps nothing that outlives a batch. Tensors, numpy arrays, numbers, strings, None, and lists, tuples
+        and dicts of them (deepscope.checkpoint stores them without pickle). Called at a training batch
+        boundary or at the end of an epoch."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what `state_dict` returned. On resume it is called after `before_fit`, `before_epoch` and
+        `before_train` of the epoch being resumed, just before its first batch, so it overrides what those
+        events reset."""
+
     def __repr__(self) -> str:
         return f"{self.name}(order={self.order})"
 

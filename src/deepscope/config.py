@@ -15,6 +15,7 @@ FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: optimiser
 # (~0.8 GB at this size for the default CNN's 13 modules); 0 (every value, exactly) needs no buffer.
 MAX_STATS_SAMPLE = 1 << 20
 # The optimizers `opt` may name: torch.optim's, or deepscope's hand-written ones with a ds_ prefix.
+PRECISIONS = ("fp32", "bf16", "fp16")  # `precision`: float32, or mixed precision in bfloat16 / float16
 OPTIMIZER_NAMES = ("adamw", "adam", "sgd", "rmsprop", "ds_sgd", "ds_momentum", "ds_rmsprop", "ds_adam", "ds_adamw")
 
 
@@ -37,6 +38,9 @@ class TrainConfig:
     opt: str = "adamw"  # adamw | adam | sgd (momentum 0.9) | rmsprop | ds_<name> for deepscope.optim's
     weight_decay: float = 1e-2
     batch_size: int = 256  # training batch; validation uses twice this
+    clip: float | None = None  # clip the global gradient norm to this (GradClip); None: no clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16: mixed precision (MixedPrecision; fp16 uses loss scaling)
+    early_stop: int | None = None  # stop after this many epochs without a lower validation loss (EarlyStopping)
     # run
     seed: int = 42
     device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:1 | mps
@@ -46,6 +50,9 @@ class TrainConfig:
     stats_every: int = 1  # record them every N training steps
     stats_sample: int = 4096  # values of each tensor summarised per step; 0: all of them (exact, ~1.6x the CPU step)
     tensorboard: bool = False  # also write TensorBoard event files
+    profile: int | None = None  # record this many training steps with torch.profiler (after 1 skipped and 1 warm-up step)
+    checkpoint_every: int | None = None  # also checkpoint every N training steps (always at each epoch's end)
+    keep_checkpoints: int = 2  # step checkpoints kept (the best epoch's is kept besides)
     out: str | None = None  # run folder; None makes runs/train-YYYYmmdd-HHMMSS
 
     def __post_init__(self) -> None:
@@ -61,16 +68,21 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive, got {value}")
-        for name in ("limit_batches", "threads", "stats_every"):
+        for name in ("limit_batches", "threads", "stats_every", "checkpoint_every", "keep_checkpoints", "early_stop"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive, got {value}")
+        if self.clip is not None and not self.clip > 0:
+            raise ConfigError(f"clip must be a positive gradient norm, got {self.clip}")
         if self.stats_sample < 0:
             raise ConfigError(f"stats sample must be a number of values, or 0 for all of them, got {self.stats_sample}")
+        if self.profile is not None and self.profile <= 0:
+            raise ConfigError(f"profile must be a positive number of training steps to record, got {self.profile}")
         from .norms import NORM_KINDS
 
         choices = {"schedule": ("one_cycle", "cosine", "constant"), "init": ("default", "kaiming", "lsuv"),
-                   "norm": NORM_KINDS, "model": ("cnn", "resnet"), "dataset": ("fashion_mnist", "mnist")}
+                   "norm": NORM_KINDS, "model": ("cnn", "resnet"), "dataset": ("fashion_mnist", "mnist"),
+                   "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

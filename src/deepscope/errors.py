@@ -22,6 +22,10 @@ class CheckpointError(DeepscopeError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
+class ExportError(DeepscopeError):
+    """A model could not be exported, or the exported file does not reproduce it (deepscope.export)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """The process was asked to stop (Ctrl-C, SIGTERM); raised where it was, so cleanup runs."""
 
@@ -45,14 +49,72 @@ def request_interrupt(signum: int) -> None:
     raise Interrupted(signum)
 
 
-def raise_pending_interrupt() -> None:
-    """Raise Interrupted if a stop was requested and not yet acted on (see `_pending`)."""
+def raise_pending_interrupt(at_batch_boundary: bool = False) -> None:
+    """Raise Interrupted if a stop was requested and not yet acted on (see `_pending`). The Learner passes
+    `at_batch_boundary` between batches: the exception then says that the fit's state is whole there."""
     if _pending:
-        raise Interrupted(_pending.pop())
+        e = Interrupted(_pending.pop())
+        e.at_batch_boundary = at_batch_boundary
+        _pending.clear()
+        raise e
 
 
 def clear_pending_interrupt() -> None:
     _pending.clear()
+
+
+def stop_requested() -> int | None:
+    """The signal of a stop asked for and not yet acted on, or None."""
+    return _pending[-1] if _pending else None
+
+
+_deferring: list[bool] = []  # one entry per active `stops_at_boundaries`
+
+
+def deferring_stops() -> bool:
+    """Whether Ctrl-C and SIGTERM now wait for the Learner's next batch boundary (`stops_at_boundaries`)."""
+    return bool(_deferring)
+
+
+class stops_at_boundaries:
+    """While active (main thread only; elsewhere it does nothing), the first Ctrl-C or SIGTERM does not raise
+    where the program is: it is remembered, a line says the run will stop after this batch, and the
+    Learner raises Interrupted at its next training-batch boundary (or the next epoch's start), where a
+    checkpoint of the whole state can be written. A second one stops at once, as usual. The handlers in
+    force before are put back on exit. Used by the Checkpoint callback from before_fit to cleanup_fit."""
+
+    def __init__(self, say=None):
+        self.say = say or (lambda m: print(m, file=__import__("sys").stderr, flush=True))
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        import signal
+
+        if _pending:  # the second request: stop now
+            request_interrupt(signum)
+        _pending.append(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.say(f"deepscope: {name}: stopping after this batch and writing a checkpoint "
+                 f"(press Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> "stops_at_boundaries":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+            _deferring.append(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            self._previous = {}
+            _deferring.pop()
 
 
 def check_number(who: str, name: str, value, *, minimum: float = 0.0, inclusive: bool = False) -> float:

@@ -23,7 +23,7 @@ from torch import nn
 from .callback import (
     BATCH_POINTS, CANCEL_EXCEPTIONS, EVENTS, PHASES, Callback, CallbackError, check_event_names,
 )
-from .errors import ConfigError, DataError, raise_pending_interrupt
+from .errors import CheckpointError, ConfigError, DataError, deferring_stops, raise_pending_interrupt
 
 OptFactory = Callable[..., torch.optim.Optimizer]
 _CANCELS = tuple(CANCEL_EXCEPTIONS.values())
@@ -69,6 +69,13 @@ class TrainStep:
     def zero_grad(self, learn: "Learner") -> None:
         learn.opt.zero_grad(set_to_none=True)
 
+    def state_dict(self) -> dict | None:
+        """What a checkpoint must keep of this step (a loss scaler's state), or None."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what `state_dict` returned."""
+
 
 class LoopText(str):
     """Text that a notebook shows as it is (a plain str shows as its repr, newlines escaped)."""
@@ -91,7 +98,9 @@ class Learner:
       (batch index in this pass); train_iter (training batches finished in this fit, so the index of the
       current one); iters_per_epoch (training batches per epoch that schedules plan for); batch (the
       (x, y) pair; xb and yb are its parts); preds; loss; loss_scale; skip_step; lr_sweep (True while
-      `lr_find`'s sweep runs); error (the exception ending a phase).
+      `lr_find`'s sweep runs); error (the exception ending a phase); resuming (the progress of the
+      checkpoint this fit resumes, {"epoch", "batch", "train_iter", ...}, until its state is put back; else
+      None).
 
     What the state means at each event (callbacks run by `order`, lowest first; one may change the state
     for those after it):
@@ -131,6 +140,13 @@ class Learner:
       cleanup_X       always. error is None when the phase finished or was cancelled, else the exception
                       propagating (KeyboardInterrupt included). Resources are released here, and state a
                       callback changed for the fit (hyper-parameters, train_step, hooks) is put back.
+    Resuming (`fit(..., resume_from=checkpoint)`): before_fit runs as in any fit (with `resuming` set), then
+    the model, optimizer and train_step states are loaded; the loop starts at the checkpoint's epoch, whose
+    before_epoch and before_train run, then every callback's `load_state_dict`, the random streams and the
+    data position are put back, and the next batch is the one after the checkpoint's. See `state_dict`.
+    Stops (Ctrl-C, SIGTERM) asked for while `deferring_stops` is on (the Checkpoint callback turns it on)
+    are taken at the next training-batch boundary or at the start of the next epoch, as an Interrupted with
+    `at_batch_boundary` True.
     An empty pass is a DataError: no training batch, or no validation batch while dls.valid is not None.
     After `fit` returns, the model holds the last weights (the best ones with SaveBest). In `lr_find`'s
     sweep (a fit with lr_sweep True) only the callbacks whose `in_lr_sweep` is True run.
@@ -153,6 +169,9 @@ class Learner:
         self.loss_scale: torch.Tensor | None = None
         self.skip_step, self.lr_sweep = False, False
         self.error: BaseException | None = None
+        self.resuming: dict | None = None
+        self._resume: dict | None = None  # the checkpoint's state until it is put back
+        self._epoch_rng: dict | None = None  # random streams at the start of this training pass (see _data_state)
         self.add_cbs(cbs)
 
     # --- callbacks -----------------------------------------------------------------------------------
@@ -242,10 +261,17 @@ class Learner:
             raise failure
 
     def fit(self, n_epochs: int = 1, lr: float | None = None, cbs: Sequence[Callback] = (),
-            *, train: bool = True, valid: bool = True) -> None:
-        """Train for `n_epochs`. `cbs` are added for this call only; `lr` (if given) sets the optimizer's."""
+            *, train: bool = True, valid: bool = True, resume_from=None) -> None:
+        """Train for `n_epochs`. `cbs` are added for this call only; `lr` (if given) sets the optimizer's.
+
+        `resume_from`: a checkpoint file, a folder of checkpoints or a run folder (its latest checkpoint whose
+        checksum matches), or a state from `state_dict`: the fit continues from there, as if it had never
+        stopped (bit for bit on the CPU with the same callbacks, data and thread count). The fit must be the
+        one the checkpoint was taken in: same `n_epochs`, model, optimizer and stateful callbacks, else
+        CheckpointError naming what differs."""
         if not isinstance(n_epochs, int) or n_epochs <= 0:
             raise ConfigError(f"number of epochs must be a positive integer, got {n_epochs!r}")
+        resume = self._load_resume(resume_from, n_epochs, train) if resume_from is not None else None
         if train and data_length(self.dls.train) == 0:  # known before any callback runs
             raise no_batches_error(training=True)
         if valid and self.dls.valid is not None and data_length(self.dls.valid) == 0:
@@ -262,13 +288,22 @@ class Learner:
             self.model.zero_grad(set_to_none=True)  # a fit cancelled after backward left its gradients
             self.n_epochs, self.train_iter, self.error = n_epochs, 0, None
             self.iters_per_epoch = data_length(self.dls.train)
+            self._resume = resume
+            self.resuming = dict(resume["progress"]) if resume is not None else None
             self._phase("fit", functools.partial(self._fit_epochs, train, valid))
         finally:
+            self._resume = self.resuming = None
             self.remove_cbs(cbs)
 
     def _fit_epochs(self, train: bool, valid: bool) -> None:
-        for self.epoch in range(self.n_epochs):
+        first = 0
+        if self._resume is not None:  # after before_fit: the device is set, the callbacks are ready
+            first = self._load_training_state()
+        for self.epoch in range(first, self.n_epochs):
+            raise_pending_interrupt(at_batch_boundary=True)  # a stop asked for during the last validation
             self._phase("epoch", functools.partial(self._one_epoch, train, valid))
+        if self._resume is not None:  # a checkpoint taken at the very end of the last epoch
+            self._restore_callbacks_and_streams()
 
     def _one_epoch(self, train: bool, valid: bool) -> None:
         if train:
@@ -285,9 +320,16 @@ class Learner:
             self._phase("train" if training else "validate", self._all_batches)
 
     def _all_batches(self) -> None:
-        seen = 0
-        for self.iter, self.batch in enumerate(self.dl):
-            raise_pending_interrupt()  # a Ctrl-C that Python swallowed in a finaliser stops here
+        seen, start, batches = 0, 0, self.dl
+        if self.training:
+            if self._resume is not None:
+                start, batches = self._resume_data()
+            elif not _has_state(self.dl):
+                self._epoch_rng = _stream_state(self.dl)
+        for self.iter, self.batch in enumerate(batches, start):
+            if self.training or not deferring_stops():  # a stop asked during validation waits for the epoch's end
+                # a stop asked for is taken here, between batches (also a Ctrl-C Python swallowed in a finaliser)
+                raise_pending_interrupt(at_batch_boundary=True)
             if isinstance(self.batch, (tuple, list)) and self.batch and isinstance(self.batch[0], torch.Tensor) \
                     and self.batch[0].dim() > 0 and len(self.batch[0]) == 0:
                 raise DataError(f"{'training' if self.training else 'validation'} batch {self.iter} holds no items; "
@@ -296,7 +338,7 @@ class Learner:
             self._phase("batch", self._one_batch)
             if self.training:
                 self.train_iter += 1
-        if not seen:  # data of unknown length that turned out empty: never "train" silently
+        if not seen and not start:  # data of unknown length that turned out empty: never "train" silently
             raise no_batches_error(self.training)
 
     def _one_batch(self) -> None:
@@ -312,6 +354,176 @@ class Learner:
             step.step(self)
             self.callback("after_step")
             step.zero_grad(self)
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def state_dict(self, at: str = "batch", extra: dict | None = None) -> dict:
+        """Everything needed to continue this fit exactly (deepscope.checkpoint stores it without pickle):
+
+            progress    {"epoch", "batch" (training batches of that epoch already done), "train_iter",
+                         "n_epochs", "finished"}: where the fit continues
+            model       model.state_dict()
+            optimizer   opt.state_dict() (moments, step counts, hyper-parameters as last set)
+            train_step  train_step.state_dict() (a float16 loss scaler's scale and growth tracker)
+            callbacks   {key: cb.state_dict()} for every callback that keeps state (key: its class name,
+                        with "#2", "#3"... for repeats): metrics and loss history, schedules' and monitors'
+                        positions, the statistics history and its sampler's generator, ...
+            rng         Python's, NumPy's, torch's CPU and CUDA random streams (deepscope.checkpoint.rng_state)
+            data        the training data's position: its own state_dict when it has one (TensorBatches: this
+                        epoch's order, batches taken, generator), else the streams at the start of the epoch
+                        and the number of batches to replay
+            extra       `extra` as given (deepscope train stores its config)
+
+        `at` says where the fit is: "batch" at the end of a training batch (cleanup_batch: the fit continues
+        with the next batch), "epoch" at the end of an epoch (cleanup_epoch: the next epoch), "fit" when the
+        fit is over. Take it with no gradients pending (not after a batch cancelled after backward)."""
+        if at == "batch":
+            if not self.training:
+                raise RuntimeError("Learner.state_dict(at='batch') is taken at the end of a training batch")
+            progress = {"epoch": self.epoch, "batch": self.iter + 1, "train_iter": self.train_iter + 1}
+        elif at == "epoch":
+            progress = {"epoch": self.epoch + 1, "batch": 0, "train_iter": self.train_iter}
+        elif at == "fit":
+            progress = {"epoch": self.n_epochs, "batch": 0, "train_iter": self.train_iter}
+        else:
+            raise ValueError(f"at must be 'batch', 'epoch' or 'fit', got {at!r}")
+        progress.update(n_epochs=self.n_epochs, finished=at == "fit")
+        from .checkpoint import rng_state
+
+        return {"progress": progress, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict() if self.opt is not None else None,
+                "optimizer_class": type(self.opt).__name__ if self.opt is not None else None,
+                "train_step": self.train_step.state_dict() if hasattr(self.train_step, "state_dict") else None,
+                "callbacks": {key: state for key, cb in self._keyed_cbs() if (state := cb.state_dict()) is not None},
+                "rng": rng_state(), "data": self._data_state(at == "batch"), "extra": dict(extra or {})}
+
+    def _keyed_cbs(self) -> list[tuple[str, Callback]]:
+        """Every callback with the key its state has in a checkpoint: its class name, "#2"... for repeats."""
+        counts: dict[str, int] = {}
+        out = []
+        for cb in self.sorted_cbs():
+            counts[cb.name] = counts.get(cb.name, 0) + 1
+            out.append((cb.name if counts[cb.name] == 1 else f"{cb.name}#{counts[cb.name]}", cb))
+        return out
+
+    def _data_state(self, mid_epoch: bool) -> dict:
+        dl = self.dls.train
+        if _has_state(dl):
+            return {"kind": "state_dict", "state": dl.state_dict(), "mid_epoch": mid_epoch}
+        generator = getattr(dl, "generator", None)
+        return {"kind": "replay", "mid_epoch": mid_epoch, "epoch_start": self._epoch_rng if mid_epoch else None,
+                "generator": generator.get_state() if isinstance(generator, torch.Generator) else None}
+
+    def _load_resume(self, source, n_epochs: int, train: bool) -> dict:
+        """The state to resume from, checked against this learner before anything runs."""
+        from .checkpoint import latest_checkpoint, load_checkpoint
+
+        if isinstance(source, dict):
+            state = source
+        else:
+            from pathlib import Path
+
+            path = Path(source)
+            if path.is_dir():
+                from .runfolder import CHECKPOINTS
+
+                folder = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+                found = latest_checkpoint(folder, log=lambda m: print(f"deepscope: {m}"))
+                if found is None:
+                    raise CheckpointError(f"{path} holds no checkpoint to resume from (none in {folder} whose "
+                                          f"checksum matches)")
+                path = found
+            state = load_checkpoint(path)
+        progress = state.get("progress") or {}
+        if progress.get("finished"):
+            raise CheckpointError(f"the fit this checkpoint was taken in had finished all its "
+                                  f"{progress.get('n_epochs')} epochs; there is nothing to resume")
+        if progress.get("n_epochs") != n_epochs:
+            raise CheckpointError(f"the checkpoint was taken in a fit of {progress.get('n_epochs')} epochs; resume "
+                                  f"it with fit({progress.get('n_epochs')}, ...) (a schedule planned over that many "
+                                  f"epochs is in its state), not fit({n_epochs}, ...)")
+        if not train:
+            raise ConfigError("resuming continues training: fit(..., train=False) cannot resume")
+        check_model_state(self.model, state.get("model") or {})
+        opt_class = state.get("optimizer_class")
+        if self.opt is not None and opt_class is not None and opt_class != type(self.opt).__name__:
+            raise CheckpointError(f"the checkpoint's optimizer is {opt_class}, this learner's is "
+                                  f"{type(self.opt).__name__}")
+        return state
+
+    def _load_training_state(self) -> int:
+        """Load model, optimizer and train_step states (after before_fit); returns the epoch to start at."""
+        state = self._resume
+        self.model.load_state_dict(state["model"])
+        if state.get("optimizer") is not None:
+            if self.opt is None:
+                self.create_opt()
+            try:
+                self.opt.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e})") from None
+        if state.get("train_step") is not None and hasattr(self.train_step, "load_state_dict"):
+            self.train_step.load_state_dict(state["train_step"])
+        self.train_iter = state["progress"]["train_iter"]
+        return state["progress"]["epoch"]
+
+    def _restore_callbacks_and_streams(self) -> None:
+        """Put back every callback's state and the random streams; the checkpoint is then spent."""
+        state, self._resume = self._resume, None
+        saved = dict(state.get("callbacks") or {})
+        keyed = self._keyed_cbs()
+        have = {key for key, cb in keyed if type(cb).state_dict is not Callback.state_dict}
+        missing, extra = sorted(set(saved) - {k for k, _ in keyed}), sorted(have - set(saved))
+        if missing or extra:
+            parts = ([f"state for callbacks this learner lacks: {', '.join(missing)}"] if missing else []) + \
+                    ([f"no state for this learner's {', '.join(extra)}"] if extra else [])
+            raise CheckpointError(f"the checkpoint was taken with other callbacks ({'; '.join(parts)}); resume "
+                                  f"with the callbacks it was taken with")
+        for key, cb in keyed:
+            if key in saved:
+                cb.load_state_dict(saved[key])
+        from .checkpoint import set_rng_state
+
+        set_rng_state(state["rng"])
+        self.resuming = None
+
+    def _resume_data(self):
+        """(index of the next batch, an iterator positioned there) for the resumed training pass; the
+        callbacks' states and the random streams are put back on the way."""
+        state = self._resume
+        data, start = state["data"], state["progress"]["batch"]
+        from .checkpoint import set_rng_state
+
+        if data["kind"] == "state_dict":
+            if not _has_state(self.dl):
+                raise CheckpointError("the checkpoint's training data had a state_dict (its order and position); "
+                                      "this learner's has none")
+            dl_state = data["state"]
+            if not data["mid_epoch"] and isinstance(dl_state, dict) and "order" in dl_state:
+                dl_state = {**dl_state, "order": None, "position": 0}  # a new epoch draws a new order
+            self.dl.load_state_dict(dl_state)
+            self._restore_callbacks_and_streams()
+            return start, iter(self.dl)
+        generator = getattr(self.dl, "generator", None)
+        if data["mid_epoch"] and start:
+            # Replay the epoch's first batches from the streams it started with, then continue from the
+            # checkpoint's streams: exact for data whose order comes from those streams (a DataLoader).
+            epoch_start = data["epoch_start"]
+            set_rng_state(epoch_start["rng"])
+            if epoch_start.get("generator") is not None and isinstance(generator, torch.Generator):
+                generator.set_state(epoch_start["generator"])
+            self._epoch_rng = epoch_start
+            batches = iter(self.dl)
+            for _ in range(start):
+                next(batches)
+        else:
+            if data.get("generator") is not None and isinstance(generator, torch.Generator):
+                generator.set_state(data["generator"])
+            batches = None
+        self._restore_callbacks_and_streams()
+        if batches is None:
+            self._epoch_rng = _stream_state(self.dl)
+            batches = iter(self.dl)
+        return start, batches
 
     def validate(self, cbs: Sequence[Callback] = ()) -> None:
         """One validation pass over `dls.valid`, with the callbacks' batch and validate events."""
@@ -353,6 +565,36 @@ class Learner:
         if not in_notebook():
             print(text)
         return text
+
+
+def _has_state(dl) -> bool:
+    return callable(getattr(dl, "state_dict", None)) and callable(getattr(dl, "load_state_dict", None))
+
+
+def _stream_state(dl) -> dict:
+    """The random streams a pass over `dl` starts from (global ones, and a DataLoader's own generator)."""
+    from .checkpoint import rng_state
+
+    generator = getattr(dl, "generator", None)
+    return {"rng": rng_state(), "generator": generator.get_state() if isinstance(generator, torch.Generator) else None}
+
+
+def check_model_state(model: nn.Module, state: dict) -> None:
+    """CheckpointError naming the keys missing, unexpected and of another shape when `state` (a model's
+    state_dict) was not taken from a model like `model`."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} in the checkpoint vs {tuple(own[k].shape)} in the model"
+              for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    show = lambda items: ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
+    parts = ([f"missing from the checkpoint: {show(missing)}"] if missing else []) + \
+            ([f"not in the model: {show(unexpected)}"] if unexpected else []) + \
+            ([f"different shapes: {show(shapes)}"] if shapes else [])
+    raise CheckpointError(f"the checkpoint is of another model ({'; '.join(parts)}); resume with the model and "
+                          f"config it was taken with")
 
 
 assert set(PHASES) == set(CANCEL_EXCEPTIONS)

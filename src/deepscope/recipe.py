@@ -10,18 +10,23 @@ import torch
 from torch import nn
 
 from .callbacks import (
-    CosineSchedule, DeviceCallback, LimitBatches, MetricsCallback, OneCycle, ProgressCallback, Recorder,
+    Checkpoint, CosineSchedule, DeviceCallback, EarlyStopping, GradClip, LimitBatches, MetricsCallback,
+    MixedPrecision, OneCycle, PhaseTimer, ProgressCallback, Recorder,
 )
+from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import TrainConfig
 from .data import DataLoaders, image_dls
 from .diagnose import Diagnose, moved_paths, save_findings
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .init import init_model, lsuv_
 from .learner import Learner
 from .models import get_model
 from .norms import NORM_KINDS
 from .optim import OPTIMIZERS
-from .runfolder import CHECKS, FINDINGS, METRICS, RECORDER, STATS, WEIGHTS, RunFolder, environment
+from .runfolder import (
+    CHECKPOINTS, CHECKS, FINDINGS, METRICS, RECORDER, STATS, WEIGHTS, RunFolder, environment, has_checkpoints,
+    read_config,
+)
 from .seed import set_seed
 from .stats import ActivationStats
 from .weights import save_weights
@@ -71,8 +76,21 @@ def schedule_callbacks(config: TrainConfig) -> list:
     return []
 
 
+def step_callbacks(config: TrainConfig) -> list:
+    """How each step is taken and when the fit stops: gradient clipping, mixed precision, early stopping."""
+    cbs: list = []
+    if config.clip is not None:
+        cbs.append(GradClip(config.clip))
+    if config.precision != "fp32":
+        cbs.append(MixedPrecision(torch.bfloat16 if config.precision == "bf16" else torch.float16))
+    if config.early_stop is not None:
+        cbs.append(EarlyStopping("valid_loss", patience=config.early_stop))
+    return cbs
+
+
 def looking_inside_callbacks(config: TrainConfig, run_dir: Path | None) -> list:
-    """Statistics (unless --no-stats), diagnosis, and TensorBoard (when asked) for a training run."""
+    """Statistics (unless --no-stats), diagnosis, and TensorBoard and torch.profiler (when asked) for a
+    training run."""
     cbs: list = [Diagnose(save_dir=run_dir, record_stats=config.stats)]  # --no-stats: no statistics at all
     stats = ActivationStats(every=config.stats_every, subsample=config.stats_sample or None) if config.stats else None
     if stats is not None:
@@ -82,6 +100,10 @@ def looking_inside_callbacks(config: TrainConfig, run_dir: Path | None) -> list:
 
         cbs.append(TensorBoardCallback(run_dir / "tensorboard", stats=stats, hparams=config.to_dict(),
                                        every=config.stats_every))  # each recorded step, as stats.npz has them
+    if config.profile and run_dir is not None:
+        from .profile import Profile
+
+        cbs.append(Profile(config.profile, run_dir))
     return cbs
 
 
@@ -91,7 +113,8 @@ def build_learner(config: TrainConfig, dls: DataLoaders, extra_cbs=(), progress:
     init_batch = next(iter(dls.train))[0] if config.init == "lsuv" else None
     model = build_model(config, dls.n_classes or 10, init_batch)
     device = DeviceCallback(config.device, channels_last=True)
-    cbs = [device, MetricsCallback(), Recorder(), *schedule_callbacks(config), *extra_cbs]
+    cbs = [device, MetricsCallback(), Recorder(), PhaseTimer(), *schedule_callbacks(config), *step_callbacks(config),
+           *extra_cbs]
     if progress:
         cbs.append(ProgressCallback(bars=False, plot=False) if quiet else ProgressCallback())
     if config.limit_batches:
@@ -111,6 +134,61 @@ class RunResult:
     findings: tuple = ()  # the diagnosis of the run (Findings, causes first)
     checked: str = ""  # what the diagnosis checked, in a line (Analysis.summary)
     train_seconds: float | None = None  # the training alone (config.json's wall_seconds); `seconds` is the whole run
+
+
+def _check_same_config(state: dict, config: TrainConfig, path: Path) -> None:
+    """CheckpointError naming the settings that differ when a checkpoint was not taken with `config`."""
+    saved = (state.get("extra") or {}).get("config")
+    if saved is None:
+        return
+    now = config.to_dict()
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "out")
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} in config.json" for k in differ[:6])
+        raise CheckpointError(f"{path} was taken with other settings than this run's config.json ({shown}); it "
+                              f"belongs to another run")
+
+
+def _write_results(run: RunFolder, learn: Learner) -> tuple[list, str]:
+    """Metrics, per-batch record, weights, findings, checks and statistics of what ran, into the run."""
+    metrics, recorder = learn.get_cb(MetricsCallback), learn.get_cb(Recorder)
+    run.write_json(METRICS, metrics.history)
+    run.write_json(RECORDER, {"loss": recorder.losses, "lr": recorder.lrs, "momentum": recorder.moms})
+    save_weights(learn.model, run.file(WEIGHTS))
+    diagnosis = learn.get_cb(Diagnose)
+    findings = [moved_paths(f, str(run.path), str(run.final)) for f in diagnosis.findings]
+    checked = diagnosis.analysis.summary() if diagnosis.analysis is not None else ""
+    save_findings(run.file(FINDINGS), findings)
+    if diagnosis.analysis is not None:
+        run.write_json(CHECKS, diagnosis.analysis.to_dict())
+    if learn.get_cb(ActivationStats) is not None:
+        learn.get_cb(ActivationStats).save(run.file(STATS))
+    return findings, checked
+
+
+def _keep_what_ran(run: RunFolder, learn: Learner, config: TrainConfig, error: BaseException, started: float) -> None:
+    """The fit stopped after writing checkpoints: keep the unfinished run to be resumed, and (for a stop
+    asked for at a batch boundary) write what ran and its report. A second Ctrl-C skips the writing."""
+    from .errors import Interrupted
+
+    checkpoints = learn.get_cb(Checkpoint)
+    where = checkpoints.stopped_at or checkpoints.last or latest_checkpoint(run.path / CHECKPOINTS)
+    how = {2: "Ctrl-C", 15: "SIGTERM"}.get(getattr(error, "signum", None), type(error).__name__)
+    at = f"stopped ({how}) at training step {learn.train_iter}" if isinstance(error, KeyboardInterrupt) else \
+        f"failed at training step {learn.train_iter}"
+    run.keep_unfinished(f"{at}; the run so far is kept in {run.path} with its checkpoints (latest: "
+                        f"{where.name if where else 'none'}). Resume it with: deepscope train --resume {run.final}")
+    if isinstance(error, Interrupted) and getattr(error, "at_batch_boundary", False):
+        run.log("writing what ran and its report (press Ctrl-C again to skip)")
+        wrote = run.optional("results", lambda: _write_results(run, learn))
+        run.write_config(config.to_dict(), environment=environment(learn.get_cb(DeviceCallback).device),
+                         data=learn.dls.info, wall_seconds=time.perf_counter() - started,
+                         options={"stopped_at_step": learn.train_iter})
+        if wrote:
+            from .report import write_report
+
+            if run.optional("report", lambda: write_report(run.path)):
+                run.outcome += f" (report of what ran: {run.path / 'report.html'})"
 
 
 def nonfinite_loss(losses: list[float], history: list[dict]) -> str | None:
@@ -137,45 +215,71 @@ def valid_samples(config: TrainConfig, dls: DataLoaders) -> int | None:
     return n
 
 
-def train(config: TrainConfig, *, progress: bool = True, quiet: bool = False, overwrite: bool = False) -> RunResult:
+def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = False, overwrite: bool = False,
+          resume: str | Path | None = None) -> RunResult:
     """Train as configured and write the run folder (config, metrics, weights, findings, statistics,
-    report). Raises OutputError before any work when `config.out` may not be written (see
+    checkpoints, report). Raises OutputError before any work when `config.out` may not be written (see
     deepscope.runfolder), DataError/ConfigError for bad data or options. A run that trains to a
-    non-finite loss is still written, and its `problem` says so."""
+    non-finite loss is still written, and its `problem` says so.
+
+    Checkpoints (deepscope.callbacks.Checkpoint) go to `<run>/checkpoints`: at each epoch's end, every
+    `config.checkpoint_every` steps, and when Ctrl-C or SIGTERM stops the run at a batch boundary. A run that
+    stops after its first checkpoint (an error, an interruption, or a kill) stays in `<out>.partial`, with
+    what ran written out when the process could; `resume` (that folder, with or without `.partial`; then
+    `config` is None: the run's own config.json is used) continues it from its latest checkpoint."""
     started = time.perf_counter()
-    if config.tensorboard:
+    checkpoint = None
+    if resume is not None:
+        run = RunFolder.reopen(resume, "train")
+        try:
+            config = TrainConfig.from_dict(read_config(run.path)["config"])
+            checkpoint = latest_checkpoint(run.path / CHECKPOINTS, log=run.log)
+            if checkpoint is None:
+                raise CheckpointError(f"{run.path} holds no checkpoint whose checksum matches: the run stopped "
+                                      f"before its first one; start it again (with --overwrite to replace it)")
+        except BaseException:
+            run._release()
+            raise
+    elif config.tensorboard:
         from .tensorboard import _summary_writer_class
 
         _summary_writer_class()  # a missing tensorboard package stops the run before the data is read
-    with RunFolder.prepare(config.out, "train", overwrite=overwrite) as run:
+    if resume is None:
+        run = RunFolder.prepare(config.out, "train", overwrite=overwrite)
+    with run:
+        if checkpoint is None:  # first, so that a killed run can be resumed with its own settings
+            run.write_config(config.to_dict(), environment=environment(config.device))
         if config.threads:
             torch.set_num_threads(config.threads)
         set_seed(config.seed)
         dls = image_dls(config.dataset, config.data_dir, config.batch_size, seed=config.seed, verify=config.verify)
-        learn = build_learner(config, dls, looking_inside_callbacks(config, run.path), progress=progress,
-                              quiet=quiet)
-        learn.fit(config.epochs)
+        checkpoints = Checkpoint(run.path / CHECKPOINTS, every=config.checkpoint_every,
+                                 keep_last=config.keep_checkpoints, monitor="valid_loss",
+                                 extra={"config": config.to_dict()})
+        learn = build_learner(config, dls, [*looking_inside_callbacks(config, run.path), checkpoints],
+                              progress=progress, quiet=quiet)
+        state = None
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint)
+            _check_same_config(state, config, checkpoint)
+            progress_at = state["progress"]
+            run.log(f"resuming {run.final} from {checkpoint.name}: epoch {progress_at['epoch'] + 1}, after "
+                    f"{progress_at['batch']} of its training batches ({progress_at['train_iter']} steps done)")
+        try:
+            learn.fit(config.epochs, resume_from=state)
+        except BaseException as e:
+            if not has_checkpoints(run.path):
+                raise
+            _keep_what_ran(run, learn, config, e, started)
+            raise
         metrics = learn.get_cb(MetricsCallback)
         recorder = learn.get_cb(Recorder)
         device = learn.get_cb(DeviceCallback).device
         seconds = time.perf_counter() - started
-        run.write_config(config.to_dict(), environment=environment(device), data=dls.info, wall_seconds=seconds)
-        run.write_json(METRICS, metrics.history)
-        run.write_json(RECORDER, {"loss": recorder.losses, "lr": recorder.lrs, "momentum": recorder.moms})
-        save_weights(learn.model, run.file(WEIGHTS))
-        diagnosis = learn.get_cb(Diagnose)
-        findings = [moved_paths(f, str(run.path), str(run.final)) for f in diagnosis.findings]
-        checked = diagnosis.analysis.summary() if diagnosis.analysis is not None else ""
-        save_findings(run.file(FINDINGS), findings)
-        if diagnosis.analysis is not None:
-            run.write_json(CHECKS, diagnosis.analysis.to_dict())
-        if learn.get_cb(ActivationStats) is not None:
-            learn.get_cb(ActivationStats).save(run.file(STATS))
-        if config.tensorboard:
-            from .tensorboard import TensorBoardCallback
-
-            if learn.get_cb(TensorBoardCallback).failed is not None:
-                run.failed_optional.append("TensorBoard log")  # the run is kept; the log stopped early
+        options = {"resumed_from": checkpoint.name} if checkpoint is not None else {}
+        run.write_config(config.to_dict(), environment=environment(device), data=dls.info, wall_seconds=seconds,
+                         options=options)
+        findings, checked = _write_results(run, learn)
         from .report import write_report
 
         run.optional("report", lambda: write_report(run.path))

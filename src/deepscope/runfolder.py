@@ -54,13 +54,20 @@ REPORT = "report.html"
 LR_FIND = "lr_find.json"
 LR_FIND_PNG = "lr_find.png"
 TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"  # folder of checkpoints (deepscope.checkpoint): step-<N>.safetensors, best.safetensors
+EXPORT = "export"  # folder of deployable models (deepscope.export): model.torchscript.pt, model.pt2, model.onnx
+PROFILE_TRACE = "profile_trace.json"  # torch.profiler's Chrome/Perfetto trace of `--profile N` steps
+PROFILE_OPS = "profile_ops.json"  # the top operators of that trace, for the report
 ABLATION_CSV, ABLATION_MD, ABLATION_PNG = "ablation.csv", "ablation.md", "ablation.png"
 STAGING_SUFFIX = ".partial"
 # What deepscope writes into a run while it is unfinished (an unfinished run has no list of its files yet):
 # the names above, their temporary files, TensorBoard's event files and the saved NaN batch. Only these are
 # removed from a staging folder; anything else in it stops the removal.
 OWN_PATTERNS = ("*.json", "*.json.tmp", "*.npz", "*.npz.tmp", "*.safetensors", "*.html", "*.html.tmp", "*.png",
-                "*.csv", "*.md", "nonfinite_batch.pt", f"{TENSORBOARD}/*", f"{TENSORBOARD}/**/*", ".lock")
+                "*.csv", "*.md", "nonfinite_batch.pt", f"{TENSORBOARD}/*", f"{TENSORBOARD}/**/*",
+                f"{CHECKPOINTS}/*.safetensors", f"{CHECKPOINTS}/*.sha256", f"{CHECKPOINTS}/*.tmp", ".lock",
+                f"{EXPORT}/*")
+OWN_FOLDERS = (TENSORBOARD, CHECKPOINTS, EXPORT)  # subfolders deepscope writes into
 CONFIG_FORMAT = 1  # version of the config.json schema below
 KINDS = ("train", "doctor", "lr-find", "ablate")
 
@@ -142,7 +149,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def _is_own(rel: str) -> bool:
     """Whether a file of an unfinished run (relative path) is one deepscope writes (OWN_PATTERNS)."""
     path = PurePosixPath(rel)
-    return any(path.match(p) for p in OWN_PATTERNS) and (len(path.parts) == 1 or path.parts[0] == TENSORBOARD)
+    return any(path.match(p) for p in OWN_PATTERNS) and (len(path.parts) == 1 or path.parts[0] in OWN_FOLDERS)
 
 
 def remove_unfinished(folder: Path) -> list[str]:
@@ -195,6 +202,7 @@ class RunFolder:
         self._made_parents: list[Path] = []
         self._started = datetime.datetime.now().isoformat(timespec="seconds")
         self.failed_optional: list[str] = []  # optional steps (report, ...) that failed; the run was kept
+        self.kept = False  # an unfinished run left in place to be resumed (keep_unfinished)
 
     # --- prepare -----------------------------------------------------------------------------------------
     @classmethod
@@ -241,6 +249,46 @@ class RunFolder:
             raise OutputError(f"cannot write the output folder {self.final} ({e.strerror or e}); "
                               f"choose a writable --out") from None
 
+    @classmethod
+    def reopen(cls, run_dir: str | Path, kind: str = "train", log: Callable[[str], None] = _say) -> "RunFolder":
+        """Continue writing an unfinished run (`<out>.partial`, left by an interruption or a killed process):
+        `run_dir` names it with or without the suffix. Its lock is taken; on `finish` it moves to `<out>`
+        as any run does. OutputError when there is no such unfinished run, it is of another kind, it is
+        complete already, or another process is writing it."""
+        given = Path(os.path.abspath(Path(run_dir).expanduser()))
+        final = given.with_name(given.name[:-len(STAGING_SUFFIX)]) if given.name.endswith(STAGING_SUFFIX) else given
+        staging = final.with_name(final.name + STAGING_SUFFIX)
+        if not staging.is_dir() or staging.is_symlink():
+            if is_run_folder(final):
+                raise OutputError(f"{final} is a complete run: all its epochs ran, there is nothing to resume "
+                                  f"(start a new run, or export or compare this one)")
+            raise OutputError(f"there is no unfinished run at {run_dir} (no {staging.name} folder); --resume takes "
+                              f"the --out of a run that was interrupted or killed")
+        marker = read_marker(staging)
+        if marker is None:
+            raise OutputError(f"{staging} was not made by deepscope; it cannot be resumed")
+        if marker.get("kind") != kind:
+            raise OutputError(f"{staging} is a `{marker.get('kind')}` run; only `deepscope {kind}` runs resume here")
+        run = cls(final, kind, False, log)
+        fd = os.open(staging / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another deepscope process (pid {marker.get('pid', '?')}) is writing {final}; wait "
+                              f"for it to finish") from None
+        run._lock_fd = fd
+        run._started = marker.get("started", run._started)
+        run._write_marker(staging, state="writing")
+        return run
+
+    def keep_unfinished(self, outcome: str) -> None:
+        """Leave the unfinished run where it is (its checkpoints let it resume) instead of abandoning it
+        when the process stops; `outcome` tells the user what happened and how to go on."""
+        self.kept = True
+        self._write_marker(self.path, state="interrupted")
+        self.outcome = outcome
+
     def _clear_stale_staging(self) -> None:
         """A `<out>.partial` left by a process that died (kill -9, power loss) is removed, saying so; one
         whose lock is held belongs to a running process and stops this one."""
@@ -259,6 +307,11 @@ class RunFolder:
             raise OutputError(f"another deepscope process (pid {marker.get('pid', '?')}, started "
                               f"{marker.get('started', '?')}) is writing {self.final}; wait for it to finish "
                               f"or choose another --out") from None
+        if has_checkpoints(staging) and not self.overwrite:
+            os.close(fd)
+            raise OutputError(f"{staging} holds an interrupted {marker.get('kind', 'train')} run with checkpoints; "
+                              f"continue it with `deepscope {marker.get('kind', 'train')} --resume {self.final}`, or "
+                              f"pass --overwrite to discard it and start again")
         try:
             left = remove_unfinished(staging)
         finally:
@@ -390,7 +443,8 @@ class RunFolder:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is not None and not self.finished:
-                self.abandon()
+                if not self.kept:
+                    self.abandon()
                 if isinstance(exc, BaseException):
                     _attach_outcome(exc, self.outcome)
         finally:
@@ -400,6 +454,13 @@ class RunFolder:
 def _attach_outcome(exc: BaseException, outcome: str) -> None:
     """Let the CLI say what happened to the run folder when it reports the error."""
     exc.run_folder_outcome = outcome  # read by deepscope.cli.main
+
+
+def has_checkpoints(folder: str | Path) -> bool:
+    """Whether a run folder holds a checkpoint to resume from."""
+    from .checkpoint import step_checkpoints
+
+    return bool(step_checkpoints(Path(folder) / CHECKPOINTS))
 
 
 def record_file(run_dir: str | Path, name: str) -> None:

@@ -4,14 +4,15 @@ from .limits import LimitBatches, SingleBatch
 from .metrics import MetricsCallback
 from .progress import ProgressCallback
 from .recorder import Recorder
-from .checkpoint import EarlyStopping, SaveBest
+from .checkpoint import Checkpoint, EarlyStopping, SaveBest
 from .training import GradClip, MixedPrecision, MixedPrecisionStep
 from .schedule import CosineSchedule, OneCycle, ParamScheduler, combine_scheds, sched_cos, sched_lin
+from .timing import PhaseTimer
 
 __all__ = ["DeviceCallback", "default_device", "to_device", "LimitBatches", "SingleBatch", "MetricsCallback",
            "ProgressCallback", "Recorder", "CosineSchedule", "OneCycle", "ParamScheduler", "combine_scheds",
-           "sched_cos", "sched_lin", "default_callbacks", "EarlyStopping", "SaveBest", "GradClip", "MixedPrecision",
-           "MixedPrecisionStep"]
+           "sched_cos", "sched_lin", "default_callbacks", "Checkpoint", "EarlyStopping", "SaveBest", "GradClip", "MixedPrecision",
+           "MixedPrecisionStep", "PhaseTimer"]
 
 
 def default_callbacks(device: str = "auto", progress: bool = True) -> list:

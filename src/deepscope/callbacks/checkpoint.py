@@ -1,11 +1,12 @@
-"""Keep the best weights and stop when the monitored metric stops improving."""
+"""Keep the best weights, stop when the monitored metric stops improving, and write checkpoints to resume from."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 from ..callback import Callback, CancelFitException
-from ..errors import ConfigError, check_number
+from ..checkpoint import BEST, checksum_path, encode, step_name, sweep_temporary, write_bytes
+from ..errors import ConfigError, check_number, stop_requested, stops_at_boundaries
 from ..weights import load_weights, save_weights
 from .metrics import MetricsCallback
 
@@ -21,6 +22,7 @@ class _Monitor(Callback):
 
     order = 40  # after MetricsCallback (10) has written the epoch's record
     in_lr_sweep = False  # a sweep has no epoch records, and must not save, restore or stop anything
+    announce = True  # print the direction in force at before_fit
 
     def __init__(self, monitor: str = "valid_loss", mode: str | None = None, min_delta: float = 0.0):
         if mode not in (None, "min", "max"):
@@ -43,13 +45,20 @@ class _Monitor(Callback):
             why = f"mode={self.mode!r} as given" + (f"; note: {why} says the opposite" if opposite else "")
         self.direction = self.mode or inferred
         better = "higher" if self.direction == "max" else "lower"
-        print(f"{self.name}: monitoring {self.monitor}, {better} is better ({why})")
+        if self.announce:
+            print(f"{self.name}: monitoring {self.monitor}, {better} is better ({why})")
         self.best = -math.inf if self.direction == "max" else math.inf
 
     def improved(self, value: float) -> bool:
         if self.direction == "min":
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "direction": self.direction}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.direction = state["best"], state["direction"]
 
     def current(self, learn) -> float:
         value = learn.get_cb(MetricsCallback).history[-1].get(self.monitor)
@@ -89,6 +98,13 @@ class SaveBest(_Monitor):
         if self.load_best and learn.error is None:
             self.restore(learn)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.best_epoch = state["best_epoch"]
+
     def restore(self, learn) -> bool:
         """Load the best weights of the latest fit into the model; False when none were saved."""
         if self.best_epoch is None:
@@ -117,6 +133,13 @@ class EarlyStopping(_Monitor):
         self.wait, self.stopped_epoch = 0, None
         super().before_fit(learn)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "wait": self.wait}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.wait = state["wait"]
+
     def after_epoch(self, learn) -> None:
         value = self.current(learn)
         if self.improved(value):
@@ -126,3 +149,115 @@ class EarlyStopping(_Monitor):
         if self.wait >= self.patience:
             self.stopped_epoch = learn.epoch
             raise CancelFitException()
+
+
+class Checkpoint(_Monitor):
+    """Write checkpoints of the whole fit into `folder`, so that it can resume exactly where it stopped
+    (`Learner.fit(..., resume_from=folder)`, `deepscope train --resume RUN_DIR`).
+
+    When: after every `every` training steps (None: never mid-epoch), at the end of each epoch (unless
+    `at_epoch_end` is False), and when a stop is asked for. While it is active, the first Ctrl-C or SIGTERM
+    stops the fit at the next training-batch boundary (or the end of the epoch, when it arrives during
+    validation) after writing a checkpoint there; a second one stops at once (errors.stops_at_boundaries).
+    The last `keep_last` step checkpoints are kept (`step-<steps>.safetensors`); with `monitor` (a key of
+    MetricsCallback's epoch record, as for SaveBest; None: no best), the end-of-epoch checkpoint of the best
+    epoch is also kept as `best.safetensors`. A checkpoint is skipped at a batch whose gradients are kept for
+    the next one (gradient accumulation): they are not part of the state.
+
+    What a checkpoint holds is `Learner.state_dict`'s contract (model, optimizer, schedule position, every
+    random stream, data order, callbacks' states: metrics, losses, statistics...); `extra` (a dict of
+    JSON-able values, e.g. the run's config) is stored with it. Files are written atomically with a SHA-256
+    beside them (deepscope.checkpoint). Temporary files left by a killed write are removed at before_fit.
+
+    After the fit: `last` is the newest checkpoint written (None if none), `stopped_at` the checkpoint written
+    for a stop (None if no stop), `best_path` the best one's path (None if none).
+    """
+
+    order = 90  # after MetricsCallback (10), the schedules and monitors: their states are this step's
+    in_lr_sweep = False
+    announce = False
+
+    def __init__(self, folder: str | Path, every: int | None = None, keep_last: int = 2,
+                 monitor: str | None = "valid_loss", mode: str | None = None, min_delta: float = 0.0,
+                 at_epoch_end: bool = True, extra: dict | None = None, stop_at_boundaries: bool = True):
+        super().__init__(monitor or "valid_loss", mode, min_delta)
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ConfigError(f"Checkpoint: every must be a positive number of training steps or None, got {every!r}")
+        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
+            raise ConfigError(f"Checkpoint: keep_last must be a positive integer, got {keep_last!r}")
+        self.folder, self.every, self.keep_last = Path(folder), every, keep_last
+        self.monitoring = monitor is not None
+        self.at_epoch_end, self.extra, self.stop_at_boundaries = at_epoch_end, dict(extra or {}), stop_at_boundaries
+        self.kept: list[str] = []  # step checkpoints on disk, oldest first
+        self.best_name: str | None = None
+        self.last: Path | None = None
+        self.stopped_at: Path | None = None
+        self._stops = None
+
+    @property
+    def best_path(self) -> Path | None:
+        return self.folder / BEST if self.best_name is not None else None
+
+    def before_fit(self, learn) -> None:
+        self.kept, self.best_name, self.last, self.stopped_at = [], None, None, None
+        if self.monitoring:
+            super().before_fit(learn)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        sweep_temporary(self.folder)
+        if self.stop_at_boundaries:
+            self._stops = stops_at_boundaries()
+            self._stops.__enter__()
+
+    def cleanup_batch(self, learn) -> None:
+        if not learn.training or learn.error is not None or learn.lr_sweep:
+            return
+        done = learn.train_iter + 1
+        due = self.every is not None and done % self.every == 0
+        stop = stop_requested() is not None
+        if (due or stop) and not any(p.grad is not None for p in learn.model.parameters()):
+            self._write(learn, "batch", done)
+            if stop:
+                self.stopped_at = self.last
+
+    def cleanup_epoch(self, learn) -> None:
+        if learn.error is not None or learn.lr_sweep:
+            return
+        stop = stop_requested() is not None
+        improved = False
+        metrics = learn.get_cb(MetricsCallback)
+        measured = metrics is not None and metrics.history and metrics.history[-1].get("epoch") == learn.epoch + 1
+        if self.monitoring and measured:
+            improved = self.improved(self.current(learn))
+            if improved:
+                self.best, self.best_name = self.current(learn), BEST
+        if self.at_epoch_end or stop or improved:
+            data = self._write(learn, "epoch", learn.train_iter)
+            if improved:
+                write_bytes(self.folder / BEST, data)
+            if stop:
+                self.stopped_at = self.last
+
+    def cleanup_fit(self, learn) -> None:
+        if self._stops is not None:
+            self._stops.__exit__(None, None, None)
+            self._stops = None
+
+    def _write(self, learn, at: str, steps: int) -> bytes:
+        name = step_name(steps)
+        if name not in self.kept:
+            self.kept.append(name)
+        old, self.kept = self.kept[:-self.keep_last], self.kept[-self.keep_last:]
+        data = encode(learn.state_dict(at, extra=self.extra))  # holds this callback's state, `kept` included
+        write_bytes(self.folder / name, data)
+        for gone in old:
+            for path in (self.folder / gone, checksum_path(self.folder / gone)):
+                path.unlink(missing_ok=True)
+        self.last = self.folder / name
+        return data
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "kept": list(self.kept), "best_name": self.best_name}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.kept, self.best_name = list(state["kept"]), state["best_name"]

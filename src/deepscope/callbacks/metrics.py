@@ -55,6 +55,7 @@ class MetricsCallback(Callback):
         self._train: dict[str, Metric] = {}  # copies of `metrics` fed with training batches
         self.history: list[dict] = []
         self._started = 0.0
+        self._resumed_train: dict | None = None  # training metrics' states from a checkpoint, until they exist
 
     def _ensure_metrics(self, learn) -> None:
         if self.metrics is None:
@@ -92,6 +93,34 @@ class MetricsCallback(Callback):
 
     def before_fit(self, learn) -> None:
         self.history = []
+        self._resumed_train: dict | None = None
+
+    def state_dict(self) -> dict:
+        """The epoch records so far and this epoch's running training loss and training metrics. (The
+        validation side is always empty where a checkpoint is taken: in or after the training pass of an
+        epoch that has not validated, or at an epoch's end, after which the next epoch starts afresh.)"""
+        loss = self.loss["train"]
+        return {"history": [dict(r) for r in self.history],
+                "train_loss": {"total": loss.total, "count": loss.count},
+                "train_metrics": {name: {"state": {k: v for k, v in m.metric_state.items()},
+                                         "update_count": m._update_count}
+                                  for name, m in self._train.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [dict(r) for r in state["history"]]
+        loss = self.loss["train"]
+        loss.total, loss.count = state["train_loss"]["total"], state["train_loss"]["count"]
+        self._resumed_train = state["train_metrics"] or None  # put into the metrics once they exist
+
+    def _restore_train_metrics(self) -> None:
+        for name, saved in self._resumed_train.items():
+            metric = self._train[name]
+            for key, value in saved["state"].items():
+                current = getattr(metric, key)
+                setattr(metric, key, value.to(current.device) if isinstance(value, torch.Tensor) else value)
+            metric._update_count = saved["update_count"]
+            metric._computed = None
+        self._resumed_train = None
 
     def before_epoch(self, learn) -> None:
         self._started = time.perf_counter()
@@ -100,6 +129,8 @@ class MetricsCallback(Callback):
 
     def after_loss(self, learn) -> None:
         self._ensure_metrics(learn)
+        if self._resumed_train is not None:
+            self._restore_train_metrics()
         split = "train" if learn.training else "valid"
         self.loss[split].update(learn.loss.detach(), weight=len(learn.yb))
         metrics = self._train if learn.training else self.metrics

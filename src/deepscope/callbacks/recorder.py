@@ -39,6 +39,15 @@ class Recorder(Callback):
     def cleanup_fit(self, learn) -> None:
         self._flush()
 
+    def state_dict(self) -> dict:
+        """The fit's losses, learning rates and momenta so far."""
+        self._flush()
+        return {"losses": list(self.losses), "lrs": list(self.lrs), "moms": list(self.moms)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses, self.lrs, self.moms = list(state["losses"]), list(state["lrs"]), list(state["moms"])
+        self._pending = []
+
     def losses_so_far(self) -> list[float]:
         """Every loss recorded in this fit, including those still on the device (reads them back)."""
         return self.losses + [float(t) for t in self._pending]

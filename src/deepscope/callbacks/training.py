@@ -27,6 +27,12 @@ class GradClip(Callback):
         if not learn.lr_sweep:
             self.norms = []
 
+    def state_dict(self) -> dict | None:
+        return {"norms": list(self.norms)} if self.keep_norms else None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.norms = list(state["norms"])
+
     def after_backward(self, learn) -> None:
         if learn.skip_step:  # clipping inf would only make NaN of gradients the step ignores
             norm = torch.full((), float("nan"), device=next(learn.model.parameters()).device)
@@ -99,6 +105,18 @@ class MixedPrecisionStep(TrainStep):
 
     def zero_grad(self, learn) -> None:
         self.inner.zero_grad(learn)
+
+    def state_dict(self) -> dict:
+        """The loss scaler's scale and growth tracker (torch's GradScaler.state_dict), for a checkpoint."""
+        return {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "unstepped": self._unstepped, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self._unstepped = state["unstepped"]
+        if state["inner"] is not None:
+            self.inner.load_state_dict(state["inner"])
 
 
 class MixedPrecision(Callback):

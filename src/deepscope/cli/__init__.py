@@ -13,7 +13,7 @@ from ..cpu_memory import keep_freed_memory
 from ..errors import DeepscopeError, Interrupted, clear_pending_interrupt, request_interrupt
 
 # Module names under deepscope.cli, in the order `deepscope --help` lists them.
-SUBCOMMANDS = ("train", "report", "compare", "runs", "doctor", "lr_find", "ablate", "bench")
+SUBCOMMANDS = ("train", "report", "compare", "runs", "export", "doctor", "lr_find", "ablate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,7 @@ def _message(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # which options were given (train --resume)
     keep_freed_memory()  # a deepscope process trains: stop the per-step page faults (cpu_memory.py)
     name = f"deepscope {args.command}"
     # SIGTERM stops the run the way Ctrl-C does, so the run folder is finished or abandoned cleanly.

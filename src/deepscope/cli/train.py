@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import TrainConfig
+from ..config import PRECISIONS, TrainConfig
+from ..errors import ConfigError
 from .options import device_name, non_negative_float, non_negative_int, positive_float, positive_int, thread_count
 
 DEFAULTS = TrainConfig()
@@ -41,6 +42,13 @@ def add_config_arguments(p: argparse.ArgumentParser, run_prefix: str = "train") 
     opt.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay, help="weight decay (default: %(default)s)")
     opt.add_argument("--batch-size", "--bs", type=positive_int, default=d.batch_size,
                      help="training batch size; validation uses twice this (default: %(default)s)")
+    opt.add_argument("--clip", type=positive_float, default=d.clip, metavar="NORM",
+                     help="clip the global gradient norm to NORM before each step (default: no clipping)")
+    opt.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                     help="fp32, or mixed precision: bf16 (bfloat16 autocast), fp16 (float16 autocast with loss "
+                          "scaling; for GPUs) (default: %(default)s)")
+    opt.add_argument("--early-stop", type=positive_int, default=d.early_stop, metavar="EPOCHS",
+                     help="stop after EPOCHS epochs without a lower validation loss (default: run every epoch)")
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     run.add_argument("--device", type=device_name, default=d.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps "
@@ -55,6 +63,10 @@ def add_config_arguments(p: argparse.ArgumentParser, run_prefix: str = "train") 
                      help="summarise N values of each output and gradient per step (default: %(default)s, about "
                           "1.1x the step time on a 2-core CPU); 0 summarises all of them, exactly, at about 1.6x")
     run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files into the run folder")
+    run.add_argument("--profile", type=positive_int, default=d.profile, metavar="N",
+                     help="record N training steps of the first epoch with torch.profiler, after a short warm-up "
+                          "(1 skipped and 1 warm-up step): writes profile_trace.json (open it in "
+                          "https://ui.perfetto.dev or chrome://tracing) and lists the top operators in the report")
     run.add_argument("--out", default=d.out, metavar="DIR", help=f"run folder to write (default: runs/{run_prefix}-<date>-<time>)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace --out if it holds a deepscope run (and nothing else): the new run is written "
@@ -76,15 +88,52 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(p)
+    d = DEFAULTS
+    long = p.add_argument_group("long runs")
+    long.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every, metavar="N",
+                      help="also write a checkpoint every N training steps (one is always written at the end of "
+                           "each epoch, and when Ctrl-C or SIGTERM stops the run)")
+    long.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints, metavar="K",
+                      help="step checkpoints to keep, newest first; the best epoch's is kept besides "
+                           "(default: %(default)s)")
+    long.add_argument("--resume", metavar="RUN_DIR",
+                      help="continue an interrupted or killed run from its last checkpoint, with the settings it "
+                           "started with (RUN_DIR is its --out, with or without .partial); bit for bit on the CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bars (the per-epoch table is still printed)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
+
+
+# Options that may go with --resume: they change how the run is shown, not what it computes.
+RESUME_OPTIONS = {"resume", "quiet"}
+
+
+def _given(args: argparse.Namespace) -> list[str]:
+    """The options given on the command line (by their dest), from the parser's actions and the argv."""
+    argv = getattr(args, "argv", None) or []
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    parser = getattr(args, "parser", None)
+    given = []
+    for action in getattr(parser, "_actions", []):
+        # a flag names an option exactly or, as argparse allows, by an unambiguous prefix (--epo for --epochs)
+        if any(f == o or (o.startswith("--") and f.startswith("--") and len(f) > 2 and o.startswith(f))
+               for o in action.option_strings for f in flags):
+            given.append(action.dest)
+    return given
 
 
 def run(args: argparse.Namespace) -> int:
     from ..recipe import train
 
-    config = config_from_args(args)
-    result = train(config, quiet=args.quiet, overwrite=args.overwrite)
+    if args.resume:
+        extra = [d for d in _given(args) if d not in RESUME_OPTIONS]
+        if extra:
+            names = ", ".join("--" + d.replace("_", "-") for d in extra)
+            raise ConfigError(f"--resume continues the run with the settings it started with (its config.json); "
+                              f"drop {names}, or start a new run with them")
+        config = None
+    else:
+        config = config_from_args(args)
+    result = train(config, quiet=args.quiet, overwrite=args.overwrite, resume=args.resume)
     report = result.run_dir / "report.html"
     where = (f"run folder {result.run_dir} (open {report})" if "report" not in result.failed_steps else
              f"run folder {result.run_dir} (no report: rebuild it with `deepscope report {result.run_dir}`)")
@@ -95,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
         split = (f" ({result.train_seconds:.1f} s reading the data and training, as config.json's wall_seconds; "
                  f"the rest writing the run folder and report)" if result.train_seconds else "")
         print(f"done in {result.seconds:.1f} s{split}: {_accuracy(result)}{where}")
+        from ..callbacks.timing import TIMING_KEY, summary_line
+
+        line = summary_line((result.history[-1] if result.history else {}).get(TIMING_KEY))
+        if line:
+            print(f"{line} (per epoch: metrics.json and the report)")
     from ..diagnose.finding import format_summary
 
     print(format_summary(result.findings, result.checked, "findings.json and the report"), end="")

@@ -28,6 +28,9 @@ class TensorBatches:
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.generator = generator
+        self._order: torch.Tensor | None = None  # this pass's permutation (CPU), while shuffling
+        self._position = 0                         # batches this pass has yielded
+        self._resume: tuple[torch.Tensor | None, int] | None = None  # set by load_state_dict for the next pass
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -35,17 +38,43 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.x)
-        if self.shuffle:
+        resume, self._resume = self._resume, None
+        if resume is not None and (resume[0] is not None or not self.shuffle):
+            cpu_order, start = resume
+        elif self.shuffle:
             # The permutation is drawn on the CPU (so a seeded generator works on every device), then moved.
-            order = torch.randperm(n, generator=self.generator).to(self.x.device)
+            cpu_order, start = torch.randperm(n, generator=self.generator), 0
         else:
-            order = None
-        for i in range(len(self)):
+            cpu_order, start = None, 0
+        self._order, self._position = cpu_order, start
+        order = cpu_order.to(self.x.device) if cpu_order is not None else None
+        for i in range(start, len(self)):
+            self._position = i + 1  # counted before the batch is used: a checkpoint after it continues at i + 1
             if order is None:
                 yield self.x[i * self.batch_size:(i + 1) * self.batch_size], self.y[i * self.batch_size:(i + 1) * self.batch_size]
             else:
                 idx = order[i * self.batch_size:(i + 1) * self.batch_size]
                 yield self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict:
+        """Where the current pass is, for an exact resume: {"order": the pass's permutation ((N,) int64 on
+        the CPU; None unshuffled), "position": batches yielded in the pass, "generator": the generator's state
+        (None when the global one is used)}."""
+        return {"order": self._order, "position": self._position,
+                "generator": self.generator.get_state() if self.generator is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next pass continues the one `state` describes, from its `position` (with "order" None and a
+        shuffle, the next pass draws a new permutation: a new epoch). The generator gets its state back."""
+        if state.get("generator") is not None:
+            if self.generator is None:
+                self.generator = torch.Generator()
+            self.generator.set_state(state["generator"])
+        order = state.get("order")
+        if order is not None and len(order) != len(self.x):
+            raise DataError(f"the saved data order covers {len(order)} items but the data holds {len(self.x)}; "
+                            f"resume with the data the checkpoint was taken with")
+        self._resume = (order, int(state.get("position", 0))) if order is not None or not self.shuffle else None
 
     def to(self, device: torch.device | str, memory_format: torch.memory_format | None = None) -> "TensorBatches":
         """Move the whole dataset to `device` once, so batches are made there."""

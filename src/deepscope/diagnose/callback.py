@@ -141,6 +141,27 @@ class Diagnose(Callback):
                            "message": str(learn.error).strip(), "step": learn.train_iter}
         self.update_findings(learn)
 
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The pre-flight look, the replay's findings, and the statistics and losses it records itself."""
+        from dataclasses import asdict
+
+        return {"setup": asdict(self._setup) if self._setup is not None else None,
+                "replayed": [f.to_dict() for f in self._replayed], "error": self._error,
+                "own": {cb.name: cb.state_dict() for cb in self._own}}
+
+    def load_state_dict(self, state: dict) -> None:
+        from .records import LayerWeight, SetupRecord
+
+        setup = state["setup"]
+        if setup is not None:
+            setup = SetupRecord(**{**setup, "weights": [LayerWeight(**w) for w in setup["weights"]]})
+        self._setup, self._error = setup, state["error"]
+        self._replayed = [Finding.from_dict(f) for f in state["replayed"]]
+        for cb in self._own:
+            if state["own"].get(cb.name) is not None:
+                cb.load_state_dict(state["own"][cb.name])
+
     # --- the analysis ------------------------------------------------------------------------------------
     def record(self, learn) -> Record:
         """What this fit recorded so far, as the analysis takes it."""

@@ -87,6 +87,13 @@ class ActivationStats(Callback):
     def cleanup_epoch(self, learn) -> None:
         self.recorder.flush()
 
+    def state_dict(self) -> dict | None:
+        """The statistics history and the sampler's streams (StatsRecorder.state_dict), for a checkpoint."""
+        return {"recorder": self.recorder.state_dict()} if self.recorder is not None else None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recorder.load_state_dict(state["recorder"])
+
     def stats(self) -> Stats:
         """Everything recorded so far, as the `Stats` that `save` writes."""
         if self.recorder is None:

@@ -97,6 +97,20 @@ class LoopObserver:
                 if self._watched is not None:
                     self._handle = self._watched.register_hook(self._on_gradient)
 
+    # what outlives a step: the counts, and the device tensors holding some of them
+    _STATE = ("updates", "eval_updates", "model_eval_updates", "eval_modules", "not_in_optimizer", "_first_backward",
+              "_stale", "_checked", "targets_seen", "other_targets", "_labels", "_label_rows", "_class_counts")
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._STATE:
+            value = state[name]
+            if isinstance(value, torch.Tensor) and self._stale is not None:
+                value = value.to(self._stale.device)
+            setattr(self, name, value)
+
     def after_update(self) -> None:
         self._first_backward = True
 

@@ -103,6 +103,18 @@ class SampleBlock:
     def full(self) -> bool:
         return self.pending == self.steps
 
+    def state_dict(self) -> dict:
+        """The sampler's random streams and lattices, for a checkpoint (taken with no step pending)."""
+        return {"host_rng": self._host_rng.getstate(), "generator": self._generator.get_state(),
+                "lattices": dict(self._lattices)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..checkpoint import _as_python_state
+
+        self._host_rng.setstate(_as_python_state(state["host_rng"]))
+        self._generator.set_state(state["generator"].cpu())
+        self._lattices = {int(k): tuple(v) if v is not None else None for k, v in state["lattices"].items()}
+
     def open(self) -> None:
         """Start the next step (the block must not be full)."""
         self.pending += 1

@@ -212,6 +212,16 @@ class HistoryStore:
                 grown[key][:len(value)] = value
         self._data = grown
 
+    def state_dict(self) -> dict:
+        """The stored rows and the layout that says which are merged, for a checkpoint."""
+        return {"span": self.span, "n_merged": self.n_merged, "pending": self._pending, "start": self._start,
+                "end": self._end, "data": {k: v.copy() for k, v in self._data.items()} if self._data is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.span, self.n_merged, self._pending = state["span"], state["n_merged"], state["pending"]
+        self._start, self._end = state["start"], state["end"]
+        self._data = {k: np.array(v) for k, v in state["data"].items()} if state["data"] is not None else None
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Copies of the stored rows, oldest first: `steps`, `weights` and every field."""
         if self._data is None:
