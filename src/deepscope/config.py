@@ -53,6 +53,7 @@ class TrainConfig:
     profile: int | None = None  # record this many training steps with torch.profiler (after 1 skipped and 1 warm-up step)
     checkpoint_every: int | None = None  # also checkpoint every N training steps (always at each epoch's end)
     keep_checkpoints: int = 2  # step checkpoints kept (the best epoch's is kept besides)
+    report: bool = True  # write report.html at the end (`deepscope report RUN` writes it later)
     out: str | None = None  # run folder; None makes runs/train-YYYYmmdd-HHMMSS
 
     def __post_init__(self) -> None:

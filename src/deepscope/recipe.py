@@ -24,7 +24,7 @@ from .models import get_model
 from .norms import NORM_KINDS
 from .optim import OPTIMIZERS
 from .runfolder import (
-    CHECKPOINTS, CHECKS, FINDINGS, METRICS, RECORDER, STATS, WEIGHTS, RunFolder, environment, has_checkpoints,
+    CHECKPOINTS, CHECKS, FINDINGS, METRICS, RECORDER, REPORT, STATS, WEIGHTS, RunFolder, environment, has_checkpoints,
     read_config,
 )
 from .seed import set_seed
@@ -184,7 +184,7 @@ def _keep_what_ran(run: RunFolder, learn: Learner, config: TrainConfig, error: B
         run.write_config(config.to_dict(), environment=environment(learn.get_cb(DeviceCallback).device),
                          data=learn.dls.info, wall_seconds=time.perf_counter() - started,
                          options={"stopped_at_step": learn.train_iter})
-        if wrote:
+        if wrote and config.report:
             from .report import write_report
 
             if run.optional("report", lambda: write_report(run.path)):
@@ -216,7 +216,7 @@ def valid_samples(config: TrainConfig, dls: DataLoaders) -> int | None:
 
 
 def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = False, overwrite: bool = False,
-          resume: str | Path | None = None) -> RunResult:
+          resume: str | Path | None = None, report: bool | None = None) -> RunResult:
     """Train as configured and write the run folder (config, metrics, weights, findings, statistics,
     checkpoints, report). Raises OutputError before any work when `config.out` may not be written (see
     deepscope.runfolder), DataError/ConfigError for bad data or options. A run that trains to a
@@ -226,7 +226,8 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
     `config.checkpoint_every` steps, and when Ctrl-C or SIGTERM stops the run at a batch boundary. A run that
     stops after its first checkpoint (an error, an interruption, or a kill) stays in `<out>.partial`, with
     what ran written out when the process could; `resume` (that folder, with or without `.partial`; then
-    `config` is None: the run's own config.json is used) continues it from its latest checkpoint."""
+    `config` is None: the run's own config.json is used) continues it from its latest checkpoint. `report`
+    (None: as the config says) whether to write report.html."""
     started = time.perf_counter()
     checkpoint = None
     if resume is not None:
@@ -249,6 +250,8 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
     with run:
         if checkpoint is None:  # first, so that a killed run can be resumed with its own settings
             run.write_config(config.to_dict(), environment=environment(config.device))
+        else:
+            run.discard(REPORT)  # the report of what ran before the stop; the finished run gets its own
         if config.threads:
             torch.set_num_threads(config.threads)
         set_seed(config.seed)
@@ -280,9 +283,10 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
         run.write_config(config.to_dict(), environment=environment(device), data=dls.info, wall_seconds=seconds,
                          options=options)
         findings, checked = _write_results(run, learn)
-        from .report import write_report
+        if config.report if report is None else report:
+            from .report import write_report
 
-        run.optional("report", lambda: write_report(run.path))
+            run.optional("report", lambda: write_report(run.path))
         run_dir = run.finish()
     return RunResult(run_dir, metrics.history, time.perf_counter() - started, valid_samples(config, dls),
                      len(dls.valid.x) if hasattr(dls.valid, "x") else None,

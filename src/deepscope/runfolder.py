@@ -282,6 +282,12 @@ class RunFolder:
         run._write_marker(staging, state="writing")
         return run
 
+    def discard(self, name: str) -> None:
+        """Remove a file this unfinished run wrote earlier and that no longer describes it (the report of
+        what ran before an interruption, once the run resumes)."""
+        if not self.finished and _is_own(name):
+            (self.path / name).unlink(missing_ok=True)
+
     def keep_unfinished(self, outcome: str) -> None:
         """Leave the unfinished run where it is (its checkpoints let it resume) instead of abandoning it
         when the process stops; `outcome` tells the user what happened and how to go on."""

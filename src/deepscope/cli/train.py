@@ -99,12 +99,15 @@ def add_parser(subparsers) -> None:
     long.add_argument("--resume", metavar="RUN_DIR",
                       help="continue an interrupted or killed run from its last checkpoint, with the settings it "
                            "started with (RUN_DIR is its --out, with or without .partial); bit for bit on the CPU")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write report.html (it takes a few seconds per layer); `deepscope report RUN_DIR` "
+                        "writes it later")
     p.add_argument("--quiet", action="store_true", help="no progress bars (the per-epoch table is still printed)")
     p.set_defaults(func=run, parser=p)
 
 
 # Options that may go with --resume: they change how the run is shown, not what it computes.
-RESUME_OPTIONS = {"resume", "quiet"}
+RESUME_OPTIONS = {"resume", "quiet", "report"}
 
 
 def _given(args: argparse.Namespace) -> list[str]:
@@ -133,9 +136,12 @@ def run(args: argparse.Namespace) -> int:
         config = None
     else:
         config = config_from_args(args)
-    result = train(config, quiet=args.quiet, overwrite=args.overwrite, resume=args.resume)
+    result = train(config, quiet=args.quiet, overwrite=args.overwrite, resume=args.resume,
+                   report=None if args.report else False)
     report = result.run_dir / "report.html"
-    where = (f"run folder {result.run_dir} (open {report})" if "report" not in result.failed_steps else
+    where = (f"run folder {result.run_dir} (no report: --no-report; write it with `deepscope report {result.run_dir}`)"
+             if not report.exists() and "report" not in result.failed_steps else
+             f"run folder {result.run_dir} (open {report})" if "report" not in result.failed_steps else
              f"run folder {result.run_dir} (no report: rebuild it with `deepscope report {result.run_dir}`)")
     if result.problem:
         print(f"training failed after {result.seconds:.1f} s: {result.problem}. Lower the learning rate (--lr) "

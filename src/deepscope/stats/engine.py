@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
+import time
 import weakref
 from pathlib import Path
 from typing import Callable, Sequence
@@ -96,6 +98,22 @@ def choose_modules(model: nn.Module, spec: ModuleSpec, who: str) -> list[tuple[s
         raise ConfigError(f"{who}: no module of the model matches {what}; modules are named as in "
                           f"model.named_modules(), e.g. {[n for n, _ in model.named_modules() if n][:6]}")
     return chosen
+
+
+def host_timed(method):
+    """Add the host time spent in `method` to `self.host_seconds`, counting only the outermost timed call
+    (a flush inside end_step is not counted twice). About a microsecond per call."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        if self._in_timed:
+            return method(self, *args, **kwargs)
+        self._in_timed, started = True, time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.host_seconds += time.perf_counter() - started
+            self._in_timed = False
+    return timed
 
 
 def check_options(who: str, *, every: int = 1, hist_bins: int = 40, hist_range: tuple = (0.0, 10.0),
@@ -169,6 +187,8 @@ class StatsRecorder:
         self._discovered, self._discovery_tries = False, 0
         self._loop: LoopObserver | None = None  # what the training loop did at each update
         self._pending = 0                  # recorded steps not yet summarised (see _summarise)
+        # Host seconds spent in the hooks and step calls, cumulative (read by callbacks.timing.PhaseTimer)
+        self.host_seconds, self._in_timed = 0.0, False
         self._sample: SampleBlock | None = None
         self._split = "train"
         self._scaled_rows = False          # rows hold gradients multiplied by a loss scale
@@ -280,6 +300,7 @@ class StatsRecorder:
         first recorded training step; "" is the model itself. Watch one by name to see its output."""
         return list(self._invisible or [])
 
+    @host_timed
     def _on_model_input(self, model: nn.Module, inputs: tuple) -> None:
         """The model's own forward begins: count it, and note (on the device) the first recorded training
         step whose input holds NaN/Inf, so a NaN from the data is not blamed on the first layer."""
@@ -331,6 +352,7 @@ class StatsRecorder:
         """Whether the current step is being recorded."""
         return self._row is not None
 
+    @host_timed
     def start_step(self, step: int, split: str = "train", record: bool | None = None) -> bool:
         """Begin training step `step` (or a validation batch run at training step `step`, split "valid").
         It is recorded when `record`, or, when `record` is None, when `step % every == 0`. Returns whether
@@ -360,6 +382,7 @@ class StatsRecorder:
             self._sample.open()
         return True
 
+    @host_timed
     def _on_forward(self, hook, module: nn.Module, inputs: tuple, output) -> None:
         if self.before_forward is not None:
             self.before_forward(module)
@@ -451,6 +474,7 @@ class StatsRecorder:
                 "order": [self.modules[i] for i in self._order],
                 "census": {"every": self.census_every, "window": CENSUS_WINDOW, "modules": modules}}
 
+    @host_timed
     def _on_gradient(self, j: int, grad: torch.Tensor | None) -> None:
         """Row j of the watched tensors: the gradient of (a part of) module j - M's output. The parts of
         a multi-part output are held until the last has arrived (or the backward pass is over: see
@@ -504,6 +528,7 @@ class StatsRecorder:
         if self._loop is not None and self._split == "train":
             self._loop.observe_targets(targets)
 
+    @host_timed
     def before_update(self, skip: bool = False, optimizer: torch.optim.Optimizer | None = None) -> None:
         """The gradients are final and the weights are those this step ran with. `skip`: the optimiser
         will not update (a float16 overflow the scaler skips): no gradient or parameter statistics.
@@ -518,6 +543,7 @@ class StatsRecorder:
         else:
             self._tracker.before_step()
 
+    @host_timed
     def after_update(self) -> None:
         """The optimiser has updated the weights (gradients not yet zeroed)."""
         if self._loop is not None:
@@ -525,6 +551,7 @@ class StatsRecorder:
         if self._row is not None and self._split == "train":
             self._tracker.after_step(self._pending - 1)
 
+    @host_timed
     def end_step(self) -> None:
         """The step is over: its row is complete."""
         self._end_discovery()
@@ -538,6 +565,7 @@ class StatsRecorder:
         if rows.full:
             self.flush()
 
+    @host_timed
     def _summarise(self) -> None:
         """Reduce the pending block's samples and parameter norms, all modules at once, into its rows."""
         if not self._pending:
@@ -556,6 +584,7 @@ class StatsRecorder:
             self._tracker.summarise(rows.param[r:r + K])
         self._pending = 0
 
+    @host_timed
     def flush(self) -> None:
         """Move the filled device rows into the host history (one read-back per split)."""
         if self._row is not None:
@@ -616,3 +645,46 @@ class StatsRecorder:
     def save(self, path: str | Path, valid: bool = False) -> Path:
         """Write `stats.npz` (into `path` if it is a folder); returns the file."""
         return save_stats(self.stats(valid), path)
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    # what outlives a step, besides the histories and the sampler: what one look at the model found
+    _STATE = ("_train_steps", "_order", "_output_module", "_input_std", "_first_bad_input", "_called", "_no_float",
+              "_max_calls", "_max_model_calls", "_invisible", "_discovered", "_discovery_tries")
+
+    def state_dict(self) -> dict:
+        """Everything recorded so far and the streams that decide what is sampled next, for a checkpoint
+        (deepscope.checkpoint). Taken between steps; the pending rows are flushed into the history first,
+        so a resumed record equals an uninterrupted one that flushed at the same step."""
+        if self._row is not None:
+            raise RuntimeError(f"{self.who}: a checkpoint is taken between steps, not while one is recorded")
+        self.flush()
+        units = {i: {"ring": u["ring"], "steps": list(u["steps"]), "n": u["n"],
+                     "first": list(u["first"]) if u["first"] is not None else None} for i, u in self._units.items()}
+        return {"modules": list(self.modules), "stores": {k: v.state_dict() for k, v in self._stores.items()},
+                "sample": self._sample.state_dict() if self._sample is not None else None, "units": units,
+                "loop": self._loop.state_dict() if self._loop is not None else None,
+                **{name.lstrip("_"): getattr(self, name) for name in self._STATE}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the record `state_dict` saved (after `attach`, on the same model). ConfigError when the
+        watched modules differ."""
+        if list(state["modules"]) != self.modules:
+            raise ConfigError(f"{self.who}: the checkpoint watched other modules ({state['modules'][:5]}...) than "
+                              f"this model's ({self.modules[:5]}...)")
+        for split, store in state["stores"].items():
+            self._stores[split].load_state_dict(store)
+        if self._sample is not None and state["sample"] is not None:
+            self._sample.load_state_dict(state["sample"])
+        if self._loop is not None and state["loop"] is not None:
+            self._loop.load_state_dict(state["loop"])
+        device = self._first_bad_input.device
+        self._units = {int(i): {"ring": u["ring"].to(device), "steps": list(u["steps"]), "n": u["n"],
+                                "first": (u["first"][0].to(device), list(u["first"][1])) if u["first"] else None}
+                       for i, u in state["units"].items()}
+        for name in self._STATE:
+            value = state[name.lstrip("_")]
+            if isinstance(value, torch.Tensor):
+                value = value.to(device)
+            setattr(self, name, value)
+        self._no_float = {int(k): v for k, v in self._no_float.items()}
+        self._max_calls = {int(k): v for k, v in self._max_calls.items()}

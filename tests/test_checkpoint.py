@@ -1,0 +1,279 @@
+"""Checkpoints and exact resume in the Learner: the file format, every piece of state, and what is refused."""
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import deepscope as ds
+from deepscope.callbacks import Checkpoint, EarlyStopping, GradClip, MetricsCallback, OneCycle, Recorder, SaveBest
+from deepscope.checkpoint import (
+    BEST, decode, encode, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, step_checkpoints,
+    step_name, sweep_temporary,
+)
+from deepscope.data.loaders import DataLoaders, TensorBatches
+from deepscope.errors import CheckpointError
+
+STAT_FIELDS = ("steps", "weights", "act_mean", "act_std", "act_dead", "act_hist", "grad_norm", "weight_norm",
+               "update_ratio")
+
+
+# --- the file format --------------------------------------------------------------------------------------
+def test_round_trip_keeps_types_and_values(tmp_path):
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng_state(),
+             "mixed": (1, 2.5, float("nan"), float("-inf"), None, True, "text"), "ints": {3: "a", 7: [1, 2]},
+             "array": np.arange(6, dtype=np.uint32).reshape(2, 3), "empty": np.zeros(0, np.int64),
+             "dtype": torch.bfloat16, "__odd": 1}
+    save_checkpoint(tmp_path / "c.safetensors", state)
+    back = load_checkpoint(tmp_path / "c.safetensors")
+    assert back["mixed"][:2] == (1, 2.5) and np.isnan(back["mixed"][2]) and back["mixed"][3:] == (
+        float("-inf"), None, True, "text")
+    assert back["ints"] == {3: "a", 7: [1, 2]} and back["dtype"] is torch.bfloat16 and back["__odd"] == 1
+    assert back["array"].dtype == np.uint32 and np.array_equal(back["array"], state["array"])
+    assert back["empty"].shape == (0,) and back["empty"].dtype == np.int64
+    assert back["opt"]["param_groups"][0]["betas"] == (0.9, 0.999)  # a tuple stays a tuple
+    for k, v in model.state_dict().items():
+        assert torch.equal(back["model"][k], v)
+    assert torch.equal(back["opt"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    fresh = torch.optim.AdamW(model.parameters())
+    fresh.load_state_dict(back["opt"])  # what torch wrote, torch takes back
+
+
+def test_checksum_file_matches_sha256sum_and_a_flipped_bit_is_refused(tmp_path):
+    path = tmp_path / "c.safetensors"
+    digest = save_checkpoint(path, {"w": torch.arange(100.0)})
+    assert (tmp_path / "c.safetensors.sha256").read_text() == f"{digest}  c.safetensors\n"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01  # inside the last value: safetensors itself would load it silently
+    path.write_bytes(bytes(data))
+    assert decode(bytes(data))["w"][-1] != 99.0  # (proof that the format alone does not notice)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_missing_checksum_and_foreign_files_are_refused(tmp_path):
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, {"w": torch.ones(2)})
+    (tmp_path / "c.safetensors.sha256").unlink()
+    with pytest.raises(CheckpointError, match="no checksum"):
+        load_checkpoint(path)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="not a deepscope checkpoint"):
+        decode((tmp_path / "plain.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="cannot store a"):
+        encode({"f": lambda: 0})
+
+
+def test_latest_skips_a_corrupt_newest_and_temporary_files_are_swept(tmp_path):
+    for step in (5, 10, 15):
+        save_checkpoint(tmp_path / step_name(step), {"step": step})
+    (tmp_path / step_name(15)).write_bytes(b"x" * 40)
+    (tmp_path / "step-00000020.safetensors.tmp").write_bytes(b"half")
+    said = []
+    assert latest_checkpoint(tmp_path, log=said.append) == tmp_path / step_name(10)
+    assert "step-00000015" in said[0] and "corrupt" in said[0]
+    assert [p.name for p in step_checkpoints(tmp_path)] == [step_name(s) for s in (5, 10, 15)]
+    assert sweep_temporary(tmp_path) == ["step-00000020.safetensors.tmp"]
+
+
+def test_loading_runs_no_pickle(tmp_path, monkeypatch):
+    import pickle
+
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, {"model": nn.Linear(2, 2).state_dict(), "rng": rng_state()})
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert set(load_checkpoint(path)) == {"model", "rng"}
+
+
+# --- the Learner: stop anywhere, resume, get the same fit --------------------------------------------------
+def _data(generator_seed=1):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 10, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    gen = torch.Generator().manual_seed(generator_seed)
+    return DataLoaders(TensorBatches(x[:160], y[:160], 16, shuffle=True, generator=gen),
+                       TensorBatches(x[160:], y[160:], 32), n_classes=2)
+
+
+def _model():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+
+
+class StopAfter(ds.Callback):
+    """Ends the fit with a KeyboardInterrupt after training step n (as a kill would, but in-process)."""
+    order = 95
+
+    def __init__(self, n):
+        self.n = n
+
+    def cleanup_batch(self, learn):
+        if learn.training and learn.train_iter + 1 == self.n:
+            raise KeyboardInterrupt
+
+
+def _learner(folder, *extra, dls=None, every=7, monitor="valid_loss"):
+    cbs = [MetricsCallback(train_metrics=True), Recorder(), OneCycle(2e-2), ds.ActivationStats(),
+           GradClip(1.0, keep_norms=True), EarlyStopping(patience=5), Checkpoint(folder, every=every, monitor=monitor),
+           *extra]
+    return ds.Learner(_model(), dls or _data(), lr=2e-2, cbs=cbs)
+
+
+def _assert_same_fit(a, b):
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "timing")} for r in h]
+    assert strip(a.get_cb(MetricsCallback).history) == strip(b.get_cb(MetricsCallback).history)
+    assert a.get_cb(Recorder).losses == b.get_cb(Recorder).losses and a.get_cb(Recorder).lrs == b.get_cb(Recorder).lrs
+    assert [float(n) for n in a.get_cb(GradClip).norms] == [float(n) for n in b.get_cb(GradClip).norms]
+    sa, sb = a.get_cb(ds.ActivationStats).stats(), b.get_cb(ds.ActivationStats).stats()
+    for field in STAT_FIELDS:
+        assert np.array_equal(getattr(sa, field), getattr(sb, field), equal_nan=True), field
+    assert sa.structure["census"] == sb.structure["census"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    torch.set_num_threads(1)
+    learn = _learner(tmp_path_factory.mktemp("ref"))
+    learn.fit(3)
+    return learn
+
+
+@pytest.mark.parametrize("stop", [9, 10, 17, 30])  # mid-epoch, the epoch's last batch, mid-epoch, the fit's end
+def test_resume_gives_the_same_fit_bit_for_bit(tmp_path, uninterrupted, stop, one_thread):
+    with pytest.raises(KeyboardInterrupt):
+        _learner(tmp_path, StopAfter(stop)).fit(3)
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None
+    resumed = _learner(tmp_path)
+    resumed.fit(3, resume_from=tmp_path)
+    _assert_same_fit(uninterrupted, resumed)
+
+
+def _interrupted_state(folder, stop=17):
+    with pytest.raises(KeyboardInterrupt):
+        _learner(folder, StopAfter(stop)).fit(3)
+    path = latest_checkpoint(folder)
+    state = load_checkpoint(path)
+    assert 0 < state["progress"]["batch"] < 10  # mid-epoch
+    return state
+
+
+def _dropped(state, piece):
+    """The checkpoint with one piece of state replaced by what a fresh start would have."""
+    if piece == "optimizer":
+        state["optimizer"] = torch.optim.AdamW(_model().parameters(), lr=2e-2).state_dict()
+    elif piece == "schedule":
+        state["progress"]["train_iter"] = 0
+    elif piece == "rng":
+        torch.manual_seed(1234)
+        state["rng"] = rng_state()
+    elif piece == "data order":
+        state["data"]["state"]["order"] = torch.randperm(160, generator=torch.Generator().manual_seed(9))
+    return state
+
+
+@pytest.mark.parametrize("piece", ["optimizer", "schedule", "rng", "data order"])
+def test_dropping_any_piece_of_state_breaks_the_equality(tmp_path, uninterrupted, piece, one_thread):
+    state = _interrupted_state(tmp_path)
+    whole = _learner(tmp_path)
+    whole.fit(3, resume_from=load_checkpoint(latest_checkpoint(tmp_path)))
+    _assert_same_fit(uninterrupted, whole)  # the whole state gives the same fit...
+    broken = _learner(tmp_path)
+    broken.fit(3, resume_from=_dropped(state, piece))
+    same = all(torch.equal(v, w) for v, w in zip(uninterrupted.model.state_dict().values(),
+                                                  broken.model.state_dict().values()))
+    assert not same, f"resuming without the {piece} gave the same weights: the test could not fail"
+
+
+def test_a_dataloader_without_state_resumes_by_replaying_the_epoch(tmp_path, one_thread):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 10, generator=g), torch.randint(0, 2, (96,), generator=g)
+    ds_ = torch.utils.data.TensorDataset(x, y)
+
+    def dls():
+        return DataLoaders(torch.utils.data.DataLoader(ds_, batch_size=8, shuffle=True),
+                           torch.utils.data.DataLoader(ds_, batch_size=32), n_classes=2)
+
+    def learner(folder, *extra):
+        return ds.Learner(_model(), dls(), lr=1e-2,
+                          cbs=[MetricsCallback(), Recorder(), Checkpoint(folder, every=5), *extra])
+
+    torch.manual_seed(7)
+    ref = learner(tmp_path / "ref")
+    ref.fit(2)
+    torch.manual_seed(7)
+    with pytest.raises(KeyboardInterrupt):
+        learner(tmp_path / "b", StopAfter(8)).fit(2)
+    assert load_checkpoint(latest_checkpoint(tmp_path / "b"))["data"]["kind"] == "replay"
+    resumed = learner(tmp_path / "b")
+    resumed.fit(2, resume_from=tmp_path / "b")
+    assert all(torch.equal(v, w) for v, w in zip(ref.model.state_dict().values(), resumed.model.state_dict().values()))
+    assert ref.get_cb(Recorder).losses == resumed.get_cb(Recorder).losses
+
+
+def test_keep_last_and_best(tmp_path, one_thread):
+    learn = _learner(tmp_path, every=3)
+    learn.fit(3)
+    names = [p.name for p in step_checkpoints(tmp_path)]
+    assert names == [step_name(27), step_name(30)]  # the last two; 30 is also the last epoch's end
+    cb = learn.get_cb(Checkpoint)
+    best_epoch = int(np.argmin([r["valid_loss"] for r in learn.get_cb(MetricsCallback).history]))
+    best = load_checkpoint(tmp_path / BEST)
+    assert best["progress"]["epoch"] == best_epoch + 1 and cb.best_path == tmp_path / BEST
+    assert load_checkpoint(tmp_path / step_name(30))["callbacks"]["Checkpoint"]["kept"] == names
+
+
+# --- what is refused ---------------------------------------------------------------------------------------
+def test_another_model_is_refused_naming_keys_and_shapes(tmp_path, one_thread):
+    _interrupted_state(tmp_path)
+    other = ds.Learner(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2), nn.Linear(2, 2)), _data(),
+                       cbs=[MetricsCallback(), Recorder()])
+    with pytest.raises(CheckpointError) as e:
+        other.fit(3, resume_from=tmp_path)
+    text = str(e.value)
+    assert "0.weight (16, 10) in the checkpoint vs (8, 10) in the model" in text
+    assert "missing from the checkpoint: 2.weight, 2.bias" in text
+    assert "3.weight (2, 16) in the checkpoint vs (2, 2) in the model" in text
+
+
+def test_other_epochs_callbacks_or_optimizer_are_refused(tmp_path, one_thread):
+    _interrupted_state(tmp_path)
+    with pytest.raises(CheckpointError, match=r"fit of 3 epochs; resume it with fit\(3"):
+        _learner(tmp_path).fit(4, resume_from=tmp_path)
+    fewer = ds.Learner(_model(), _data(), lr=2e-2, cbs=[MetricsCallback(train_metrics=True), Recorder(),
+                                                          OneCycle(2e-2), Checkpoint(tmp_path, every=7)])
+    with pytest.raises(CheckpointError, match="callbacks this learner lacks: .*ActivationStats"):
+        fewer.fit(3, resume_from=tmp_path)
+    sgd = _learner(tmp_path)
+    sgd.opt_func = torch.optim.SGD
+    with pytest.raises(CheckpointError, match="optimizer is AdamW"):
+        sgd.create_opt()
+        sgd.fit(3, resume_from=tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        _learner(tmp_path / "empty").fit(3, resume_from=tmp_path / "nothing-here")
+
+
+def test_save_best_and_early_stopping_carry_their_state(tmp_path, one_thread):
+    learn = _learner(tmp_path, SaveBest(tmp_path / "best.safetensors"))
+    sb, es = learn.get_cb(SaveBest), learn.get_cb(EarlyStopping)
+    sb.best, sb.best_epoch, es.best, es.wait = 0.25, 1, 0.5, 2
+    assert learn.get_cb(SaveBest).state_dict() == {"best": 0.25, "direction": None, "best_epoch": 1}
+    es2 = EarlyStopping()
+    es2.load_state_dict(es.state_dict())
+    assert (es2.best, es2.wait) == (0.5, 2)
