@@ -13,6 +13,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .cpu_memory import keep_freed_memory
 from .data import DataLoaders, TensorBatches, image_dls
 from .diagnose import Diagnose, Finding, diagnose
+from .export import export_model, export_run
 from .hooks import Hook, Hooks, select_modules
 from .learner import Learner, TrainStep
 from .lr_find import LRFindResult, lr_find
@@ -28,5 +29,5 @@ __all__ = [
     "DataLoaders", "TensorBatches", "image_dls", "Learner", "TrainStep", "cnn", "get_model", "resnet", "set_seed",
     "diagnose", "Diagnose", "Finding", "Hook", "Hooks", "select_modules", "LRFindResult", "lr_find",
     "ActivationStats", "Stats", "StatsRecorder", "load_stats", "watch", "Watch", "keep_freed_memory", "CosineSchedule", "EarlyStopping", "GradClip", "MixedPrecision", "SaveBest",
-    "Checkpoint", "load_checkpoint", "save_checkpoint",
+    "Checkpoint", "load_checkpoint", "save_checkpoint", "export_model", "export_run",
 ]

@@ -29,6 +29,12 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return load_state(model, state, path)
+
+
+def load_state(model: nn.Module, state: dict, source: str | Path) -> nn.Module:
+    """Load a state_dict into `model` (onto its devices); one from another model is a CheckpointError
+    naming `source` and saying which keys or shapes differ."""
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -39,7 +45,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "",
             f"shape mismatch {wrong_shape[:3]}" if wrong_shape else "",
         ]))
-        raise CheckpointError(f"{path} was saved from a different model ({details}); build the model with the "
+        raise CheckpointError(f"{source} was saved from a different model ({details}); build the model with the "
                               f"config saved beside the weights")
     model.load_state_dict({k: v.to(expected[k].device) for k, v in state.items()})
     return model
