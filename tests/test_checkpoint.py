@@ -277,3 +277,34 @@ def test_save_best_and_early_stopping_carry_their_state(tmp_path, one_thread):
     es2 = EarlyStopping()
     es2.load_state_dict(es.state_dict())
     assert (es2.best, es2.wait) == (0.5, 2)
+
+
+def test_tensorboard_resumes_without_repeating_steps(tmp_path, one_thread):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from deepscope.tensorboard import TensorBoardCallback
+
+    def learner(log, *extra):
+        stats = ds.ActivationStats()
+        return ds.Learner(_model(), _data(), lr=1e-2, cbs=[MetricsCallback(), Recorder(), stats,
+                                                           TensorBoardCallback(log, stats=stats, every=1),
+                                                           Checkpoint(tmp_path / log.name, every=4), *extra])
+
+    learner(tmp_path / "ref").fit(2)
+    with pytest.raises(KeyboardInterrupt):
+        learner(tmp_path / "run", StopAfter(13)).fit(2)  # steps 12 and 13 are logged, the checkpoint is at 12
+    learner(tmp_path / "run").fit(2, resume_from=tmp_path / "run")
+
+    def scalars(log):
+        acc = EventAccumulator(str(log), size_guidance={"scalars": 0})
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    ref, run = scalars(tmp_path / "ref"), scalars(tmp_path / "run")
+    assert ref.keys() == run.keys() and len(ref) > 5
+    for tag in ref:
+        steps = [s for s, _ in run[tag]]
+        assert steps == sorted(set(steps)), f"{tag}: a step logged twice {steps}"
+        if "seconds" not in tag and "timing" not in tag and "samples_per_s" not in tag:  # wall-clock values
+            assert run[tag] == ref[tag], tag

@@ -177,6 +177,7 @@ class TensorBoardCallback(Callback):
         self._read_at = 0       # train_iter of the last read of the statistics
         self._hparams_written = False
         self._opened_second: int | None = None  # when this callback last opened an event file
+        self._learn = None  # the learner, from before_fit to cleanup_fit
         self._start_time = time.time()
 
     def _stats_cb(self, learn):
@@ -206,11 +207,31 @@ class TensorBoardCallback(Callback):
             # A new event file per fit, named by the second it opens: TensorBoard reads a folder's files in
             # name order, so a continued fit must not open its file within the second the last one opened.
             time.sleep(self._opened_second + 1.01 - time.time())
+        # A resumed fit hides what the stopped process logged after its checkpoint (TensorBoard's purge_step:
+        # events at or after that global step, in earlier files, are dropped), so no step appears twice.
+        purge = self.step_offset + learn.resuming["train_iter"] if learn.resuming is not None else None
+        self._learn = learn  # for state_dict, which is called without it
         try:
-            self.writer = writer_class(log_dir=str(self.log_dir))
+            self.writer = writer_class(log_dir=str(self.log_dir), purge_step=purge)
             self._opened_second = int(time.time())
         except OSError as e:
             self._give_up(e)
+
+    _STATE = ("step_offset", "epoch_offset", "_steps_done", "_epochs_done", "_written", "_window", "_read_at",
+              "_hparams_written", "_start_time")
+
+    def state_dict(self) -> dict:
+        """Where the log is (global step offsets, the last statistics written), for a checkpoint. The layer
+        statistics recorded so far are written first, so that what a resumed fit logs starts at the
+        checkpoint's step, the step it hides any later events from (purge_step)."""
+        if self._learn is not None and self.writer is not None:
+            self._write(self._log_layers, self._learn)
+            self._write(lambda learn: self.writer.flush(), self._learn)
+        return {name.lstrip("_"): getattr(self, name) for name in self._STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._STATE:
+            setattr(self, name, state[name.lstrip("_")])
 
     def after_batch(self, learn) -> None:
         self._write(self._log_batch, learn)
@@ -335,5 +356,5 @@ class TensorBoardCallback(Callback):
                     self.writer.close()
                 except OSError as e:
                     self._give_up(e)
-            self.writer = None
+            self.writer, self._learn = None, None
             self._steps_done = self.step_offset + learn.train_iter

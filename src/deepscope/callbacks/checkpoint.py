@@ -173,7 +173,7 @@ class Checkpoint(_Monitor):
     for a stop (None if no stop), `best_path` the best one's path (None if none).
     """
 
-    order = 90  # after MetricsCallback (10), the schedules and monitors: their states are this step's
+    order = 99  # after MetricsCallback (10), schedules, monitors, TensorBoard (90): their states are this step's
     in_lr_sweep = False
     announce = False
 
