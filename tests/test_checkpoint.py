@@ -308,3 +308,21 @@ def test_tensorboard_resumes_without_repeating_steps(tmp_path, one_thread):
         assert steps == sorted(set(steps)), f"{tag}: a step logged twice {steps}"
         if "seconds" not in tag and "timing" not in tag and "samples_per_s" not in tag:  # wall-clock values
             assert run[tag] == ref[tag], tag
+
+
+def test_float16_loss_scaler_state_resumes(tmp_path, one_thread):
+    from deepscope.callbacks import MixedPrecision
+
+    def learner(folder, *extra):
+        return ds.Learner(_model(), _data(), lr=1e-2, cbs=[MetricsCallback(), Recorder(), MixedPrecision(torch.float16),
+                                                           Checkpoint(folder, every=4), *extra])
+
+    ref = learner(tmp_path / "ref")
+    ref.fit(2)
+    with pytest.raises(KeyboardInterrupt):
+        learner(tmp_path / "run", StopAfter(14)).fit(2)
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert state["train_step"]["scaler"]["scale"] > 0  # the scaler's state is in the checkpoint
+    resumed = learner(tmp_path / "run")
+    resumed.fit(2, resume_from=tmp_path / "run")
+    assert all(torch.equal(v, w) for v, w in zip(ref.model.state_dict().values(), resumed.model.state_dict().values()))

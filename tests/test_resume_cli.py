@@ -143,6 +143,8 @@ def test_what_resume_refuses(setup, tmp_path):
     def cli(*args):
         return main(["train", *args])
 
+    listed = _run([sys.executable, "-m", "deepscope", "runs", str(tmp_path)])
+    assert f"resume with `deepscope train --resume {out}`" in listed.stdout, listed.stdout
     # a new run into the same --out would lose the checkpoints: refused, with both ways on
     new = _run(_args(data, out))
     assert new.returncode == 2 and f"--resume {out}" in new.stderr and "--overwrite" in new.stderr

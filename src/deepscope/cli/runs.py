@@ -77,7 +77,8 @@ def _alive(pid) -> bool:
 
 def find_runs(root: Path) -> list[dict]:
     """Run folders (complete or unfinished) at `root` and one level below it, oldest first."""
-    from ..runfolder import STAGING_SUFFIX, read_marker
+    from ..checkpoint import step_checkpoints
+    from ..runfolder import CHECKPOINTS, STAGING_SUFFIX, read_marker
 
     candidates = [root]
     try:
@@ -96,6 +97,11 @@ def find_runs(root: Path) -> list[dict]:
             pid = marker.get("pid")
             state = (f"unfinished (.partial: process {pid} is still running)" if _alive(pid) else
                      "unfinished (.partial, left by an interrupted run)")
+            latest = step_checkpoints(folder / CHECKPOINTS)
+            if latest and not _alive(pid):
+                final = folder.with_name(folder.name[:-len(STAGING_SUFFIX)])
+                state = (f"interrupted; checkpoint after {int(latest[-1].stem.split('-')[1])} steps: resume with "
+                         f"`deepscope {marker.get('kind', 'train')} --resume {final}`")
         else:
             state = f"unfinished (state {marker.get('state')!r})"
         rows.append({"path": str(folder), "kind": str(marker.get("kind", "?")), "date": _date(marker, folder),

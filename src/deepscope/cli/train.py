@@ -147,8 +147,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"training failed after {result.seconds:.1f} s: {result.problem}. Lower the learning rate (--lr) "
               f"or run `deepscope doctor` with the same options; {where}")
     else:
+        rest = "the run folder and report" if report.exists() else "the run folder"
         split = (f" ({result.train_seconds:.1f} s reading the data and training, as config.json's wall_seconds; "
-                 f"the rest writing the run folder and report)" if result.train_seconds else "")
+                 f"the rest writing {rest})" if result.train_seconds else "")
         print(f"done in {result.seconds:.1f} s{split}: {_accuracy(result)}{where}")
         from ..callbacks.timing import TIMING_KEY, summary_line
 
