@@ -13,7 +13,7 @@ from deepscope.checkpoint import (
     step_name, sweep_temporary,
 )
 from deepscope.data.loaders import DataLoaders, TensorBatches
-from deepscope.errors import CheckpointError
+from deepscope.errors import CheckpointError, ConfigError
 
 STAT_FIELDS = ("steps", "weights", "act_mean", "act_std", "act_dead", "act_hist", "grad_norm", "weight_norm",
                "update_ratio")
@@ -326,3 +326,47 @@ def test_float16_loss_scaler_state_resumes(tmp_path, one_thread):
     resumed = learner(tmp_path / "run")
     resumed.fit(2, resume_from=tmp_path / "run")
     assert all(torch.equal(v, w) for v, w in zip(ref.model.state_dict().values(), resumed.model.state_dict().values()))
+
+
+def test_watch_in_your_own_loop_resumes_its_record(tmp_path, one_thread):
+    """A plain loop checkpoints model, optimizer, random streams, its position and watch's record with
+    save_checkpoint; resumed in a new watch, the record equals an uninterrupted one's."""
+    from deepscope.checkpoint import set_rng_state
+
+    x, y = torch.randn(96, 10, generator=torch.Generator().manual_seed(0)), torch.arange(96) % 2
+
+    def loop(steps, start_state=None, stop=None):
+        model = _model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        first = 0
+        with ds.watch(model, opt) as w:
+            if start_state is not None:
+                model.load_state_dict(start_state["model"])
+                opt.load_state_dict(start_state["optimizer"])
+                w.load_state_dict(start_state["watch"])
+                set_rng_state(start_state["rng"])
+                first = start_state["step"]
+            for step in range(first, steps):
+                idx = torch.randperm(96)[:16]  # the batch order comes from the global stream
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                w.step(loss, targets=y[idx])
+                if step + 1 == stop:
+                    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "watch": w.state_dict(),
+                            "rng": rng_state(), "step": step + 1}
+        return w
+
+    torch.manual_seed(5)
+    ref = loop(20)
+    torch.manual_seed(5)
+    save_checkpoint(tmp_path / "c.safetensors", loop(20, stop=9))
+    resumed = loop(20, start_state=load_checkpoint(tmp_path / "c.safetensors"))
+    assert resumed.losses == ref.losses and resumed.steps == ref.steps == 20
+    sa, sb = ref.stats(), resumed.stats()
+    for field in STAT_FIELDS:
+        assert np.array_equal(getattr(sa, field), getattr(sb, field), equal_nan=True), field
+    assert [f.kind for f in resumed.findings()] == [f.kind for f in ref.findings()]
+    with pytest.raises(ConfigError, match="inside"):
+        ds.watch(_model()).load_state_dict({})

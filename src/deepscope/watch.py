@@ -174,6 +174,34 @@ class Watch:
             self._loss_check = (tuple(out.shape), tuple(targets.shape), str(targets.dtype).removeprefix("torch."),
                                 values, loss.detach() if isinstance(loss, torch.Tensor) else loss)
 
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    _STATE = ("steps", "_manual", "_targets", "_n_outputs", "_output_check", "_output_kind", "_output_shape",
+              "_first_output", "_loss_check", "_shapes_checked")
+
+    def state_dict(self) -> dict:
+        """Everything recorded so far (statistics history, losses, what the first steps showed), to store with
+        your own checkpoint, e.g. `deepscope.save_checkpoint(path, {"model": model.state_dict(), "optimizer":
+        opt.state_dict(), "watch": w.state_dict(), "rng": deepscope.checkpoint.rng_state(), ...})` (no pickle;
+        torch.save would need numpy arrays allowed). Take it between steps. ConfigError inside a step."""
+        if self._open:
+            raise ConfigError("watch: take its state between training steps (after optimizer.step() or w.step()), "
+                              "not inside one")
+        self._losses.read()
+        return {"recorder": self.recorder.state_dict(), "losses": list(self._losses.values),
+                **{name.lstrip("_"): getattr(self, name) for name in self._STATE}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the record `state_dict` saved: call it inside `with watch(...)`, before the first step of
+        the resumed loop. ConfigError outside the `with` or when other modules are watched."""
+        if not self._handles:
+            raise ConfigError("watch: load_state_dict continues a record, so call it inside `with watch(...)`, "
+                              "before the resumed loop's first step")
+        self.recorder.load_state_dict(state["recorder"])
+        self._losses = LossLog()
+        self._losses._values = list(state["losses"])
+        for name in self._STATE:
+            setattr(self, name, state[name.lstrip("_")])
+
     # --- results ---------------------------------------------------------------------------------------------
     @property
     def losses(self) -> list[float]:
