@@ -370,3 +370,31 @@ def test_watch_in_your_own_loop_resumes_its_record(tmp_path, one_thread):
     assert [f.kind for f in resumed.findings()] == [f.kind for f in ref.findings()]
     with pytest.raises(ConfigError, match="inside"):
         ds.watch(_model()).load_state_dict({})
+
+
+def test_a_stop_during_validation_waits_for_the_epoch_end(tmp_path, one_thread):
+    """A SIGINT arriving in a validation pass: the pass and the epoch finish, the end-of-epoch checkpoint is
+    written, and the fit stops before the next epoch (also after the last one)."""
+    import signal
+
+    from deepscope.errors import Interrupted
+
+    class SignalInValidation(ds.Callback):
+        def __init__(self, epoch):
+            self.epoch = epoch
+
+        def after_batch(self, learn):
+            if not learn.training and learn.epoch == self.epoch and learn.iter == 0:
+                signal.raise_signal(signal.SIGINT)
+
+    for epoch in (0, 2):
+        folder = tmp_path / f"e{epoch}"
+        learn = _learner(folder, SignalInValidation(epoch))
+        with pytest.raises(Interrupted) as e:
+            learn.fit(3)
+        assert e.value.at_batch_boundary
+        assert len(learn.get_cb(MetricsCallback).history) == epoch + 1  # the epoch was finished and recorded
+        stopped = learn.get_cb(Checkpoint).stopped_at
+        assert stopped == folder / step_name(10 * (epoch + 1))
+        assert load_checkpoint(stopped)["progress"]["epoch"] == epoch + 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler in force is put back

@@ -76,13 +76,18 @@ def test_a_signal_mid_training_keeps_the_old_run_and_says_so(sig, code, said, da
     out = copy_run(old_run, tmp_path / "run")
     before = tree(out)
     proc = start_long_run(data, out, "--overwrite")
+    checkpoints = Path(str(out) + ".partial") / "checkpoints"
+    deadline = time.monotonic() + 60
+    while not list(checkpoints.glob("step-*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # training: an epoch has ended and written its checkpoint
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
     assert said in stderr and "old run" in stderr and "intact" in stderr
     assert "Traceback" not in stderr
     assert tree(out) == before
-    assert not Path(str(out) + ".partial").exists()
+    # the new run's work is kept to be resumed (tests/test_resume_cli.py resumes one)
+    assert f"--resume {out}" in stderr and list(checkpoints.glob("step-*.safetensors"))
 
 
 @pytest.mark.slow
@@ -113,8 +118,10 @@ def test_a_second_process_cannot_write_into_the_same_run(data, tmp_path):
         assert "another deepscope process" in second.stderr and str(first.pid) in second.stderr
     finally:
         first.terminate()
-        first.communicate(timeout=60)
-    assert not out.exists() and not Path(str(out) + ".partial").exists()
+        _, stderr = first.communicate(timeout=60)
+    # the first run's work is kept to be resumed when it had reached a checkpoint, else nothing is left
+    partial = Path(str(out) + ".partial")
+    assert not out.exists() and (not partial.exists() or f"--resume {out}" in stderr)
 
 
 def _limit_file_size(limit: int):
@@ -128,12 +135,12 @@ def _limit_file_size(limit: int):
 def test_a_full_disk_while_writing_results_keeps_the_old_run(data, old_run, tmp_path):
     out = copy_run(old_run, tmp_path / "run")
     before = tree(out)
-    # 64 KiB: the config and metrics fit, the weights of this wider model (~0.5 MB) do not.
+    # 64 KiB: the config fits, the first checkpoint and the weights of this wider model (~0.5 MB) do not.
     done = subprocess.run(cli("train", "--data-dir", data, *FAST, "--nfs", "32", "64", "128", "--out", out,
                               "--overwrite"), env=env(), capture_output=True, text=True,
                           preexec_fn=_limit_file_size(64 * 1024))
     assert done.returncode == 2, done.stderr
-    assert "File too large: " in done.stderr and "model.safetensors" in done.stderr and "Traceback" not in done.stderr
+    assert "File too large: " in done.stderr and ".safetensors" in done.stderr and "Traceback" not in done.stderr
     assert "old run" in done.stderr and "intact" in done.stderr
     assert tree(out) == before and not Path(str(out) + ".partial").exists()
 

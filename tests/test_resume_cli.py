@@ -100,6 +100,8 @@ def test_sigterm_stops_at_a_batch_boundary_keeps_a_report_and_says_how_to_resume
     for name in ("report.html", "metrics.json", "recorder.json", "stats.npz", "config.json"):
         assert (partial / name).is_file(), name
     stopped = json.loads((partial / "config.json").read_text())["options"]["stopped_at_step"]
+    page = (partial / "report.html").read_text()
+    assert f"Stopped</b> after training step {stopped}" in page and f"deepscope train --resume {out}" in page
     latest = step_checkpoints(partial / "checkpoints")[-1]
     assert latest.name == step_name(stopped)  # the checkpoint is the step it stopped at, not an older one
     assert len(json.loads((partial / "recorder.json").read_text())["loss"]) == stopped

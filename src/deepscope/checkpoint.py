@@ -213,6 +213,11 @@ def write_bytes(path: str | Path, data: bytes) -> str:
             os.fsync(f.fileno())
         _write_atomic(checksum_path(path), f"{digest}  {path.name}\n".encode())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None  # a failed write() does not name its file
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

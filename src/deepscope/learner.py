@@ -304,6 +304,7 @@ class Learner:
             self._phase("epoch", functools.partial(self._one_epoch, train, valid))
         if self._resume is not None:  # a checkpoint taken at the very end of the last epoch
             self._restore_callbacks_and_streams()
+        raise_pending_interrupt(at_batch_boundary=True)  # asked for during the last validation: still a stop
 
     def _one_epoch(self, train: bool, valid: bool) -> None:
         if train:

@@ -176,8 +176,10 @@ def _keep_what_ran(run: RunFolder, learn: Learner, config: TrainConfig, error: B
     how = {2: "Ctrl-C", 15: "SIGTERM"}.get(getattr(error, "signum", None), type(error).__name__)
     at = f"stopped ({how}) at training step {learn.train_iter}" if isinstance(error, KeyboardInterrupt) else \
         f"failed at training step {learn.train_iter}"
+    old = (f" The old run in {run.final} is intact; the resumed run replaces it when it completes."
+           if run.final.is_dir() and any(run.final.iterdir()) else "")
     run.keep_unfinished(f"{at}; the run so far is kept in {run.path} with its checkpoints (latest: "
-                        f"{where.name if where else 'none'}). Resume it with: deepscope train --resume {run.final}")
+                        f"{where.name if where else 'none'}). Resume it with: deepscope train --resume {run.final}.{old}")
     if isinstance(error, Interrupted) and getattr(error, "at_batch_boundary", False):
         run.log("writing what ran and its report (press Ctrl-C again to skip)")
         wrote = run.optional("results", lambda: _write_results(run, learn))

@@ -7,11 +7,13 @@ Layout, made to be scanned: a table of contents (in-page links, one per section 
 (the result: final validation accuracy and loss, epochs, wall time; the findings grouped by cause, each root
 cause with its symptoms indented under it and every finding about a layer linked to that layer's section;
 three key plots, chosen by what the findings point to, else the loss, activation std and off fraction);
-metrics (metrics.json, recorder.json); layers (stats.npz: a table of last values linking to the layers,
-heatmaps of every layer at a glance, then one section per watched module, id `layer-<name>`, with its
-findings and one small-multiples image: |activation| histogram with colour bar, mean/std, off fraction,
+metrics (metrics.json, recorder.json, and where each epoch's training time went: samples/s and seconds per
+phase, from the `timing` of each epoch record); layers (stats.npz: a table of last values linking to the
+layers, heatmaps of every layer at a glance, then one section per watched module, id `layer-<name>`, with
+its findings and one small-multiples image: |activation| histogram with colour bar, mean/std, off fraction,
 gradient norms, update ratio); the LR finder (lr_find.json); an ablation table (ablation.csv); the
-configuration and environment, folded away in <details>. Only config.json is required; every other part
+profile's top operators and where its trace is (profile_ops.json, profile_trace.json); the configuration
+and environment, folded away in <details>. Only config.json is required; every other part
 is shown when its file is in the folder.
 """
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
+from .callbacks.timing import PHASES, timing_rows
 from .errors import DataError
 from .plots import figure_to_data_uri, layer_heatmap, layer_panels, lr_find_plot, plot_curve, plot_metrics
+from .profile import load_profile
 from .runfolder import (
     ABLATION_CSV, CHECKS, FINDINGS, LR_FIND, METRICS, RECORDER, REPORT, STATS, read_config, read_json, write_text,
 )
@@ -87,8 +91,9 @@ def _numbers(path: Path, where: str, values) -> list[float]:
 
 
 def _metrics(path: Path) -> list[dict]:
-    """metrics.json: one JSON object per epoch whose values are numbers or null; columns that some epochs
-    lack are filled with None, so every row has every column."""
+    """metrics.json: one JSON object per epoch whose values are numbers or null, or nested objects (the
+    epoch's timing: see `_timing`), which are not columns; columns that some epochs lack are filled with
+    None, so every row has every column."""
     if not path.is_file():
         return []
     records = read_json(path, list)
@@ -97,11 +102,23 @@ def _metrics(path: Path) -> list[dict]:
         if not isinstance(record, dict):
             raise DataError(f"{path}: epoch record {i} should be a JSON object, not {type(record).__name__}")
         for key, value in record.items():
+            if isinstance(value, dict):
+                continue
             if value is not None and not _is_number(value):
                 raise DataError(f"{path}: epoch record {i}: {key!r} should be a number or null, not {value!r}")
             if key not in columns:
                 columns.append(key)
     return [{c: r.get(c) for c in columns} for r in records]
+
+
+def _timing(path: Path) -> list[dict]:
+    """The time breakdown per epoch in metrics.json (callbacks.timing.timing_rows); [] for runs without it."""
+    if not path.is_file():
+        return []
+    try:
+        return timing_rows(read_json(path, list))
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 def _recorder(path: Path) -> dict | None:
@@ -149,6 +166,7 @@ def load_run(run_dir: str | Path) -> dict:
     if not run_dir.is_dir():
         raise DataError(f"{run_dir} is not a folder; pass a run folder that `deepscope train` wrote")
     return {"dir": run_dir, "config": read_config(run_dir), "metrics": _metrics(run_dir / METRICS),
+            "timing": _timing(run_dir / METRICS), "profile": load_profile(run_dir),
             "recorder": _recorder(run_dir / RECORDER), "findings": _findings(run_dir / FINDINGS),
             "checks": _checks(run_dir / CHECKS),
             "lr_find": _lr_find(run_dir / LR_FIND), "ablation": _read_csv(run_dir / ABLATION_CSV),
@@ -359,17 +377,24 @@ def build_context(run: dict) -> dict:
               "planned_epochs": cfg.get("config", {}).get("epochs"),
               "valid_accuracy": last.get("valid_accuracy"), "valid_loss": last.get("valid_loss"),
               "train_loss": last.get("train_loss"), "batches": len(losses),
-              "recent_loss": sum(tail) / len(tail) if tail else None, "recent_n": len(tail), "wall_seconds": cfg.get("wall_seconds")}
+              "recent_loss": sum(tail) / len(tail) if tail else None, "recent_n": len(tail), "wall_seconds": cfg.get("wall_seconds"),
+              # a run stopped by Ctrl-C/SIGTERM (deepscope.recipe): where, and the command that continues it
+              "stopped_at": cfg.get("options", {}).get("stopped_at_step"),
+              "resume": f"deepscope train --resume {run['dir'].parent / run['dir'].name.removesuffix('.partial')}"}
     sections = [("summary", "Summary"), ("metrics", "Metrics")]
     if layers:
         sections.append(("layers", "Layers"))
-    sections += [(k, t) for k, t, present in (("lr-find", "Learning-rate finder", lr_find), ("ablation", "Ablation", run["ablation"]))
-                 if present]
+    sections += [(k, t) for k, t, present in (("lr-find", "Learning-rate finder", lr_find), ("ablation", "Ablation", run["ablation"]),
+                                              ("profile", "Profile", run.get("profile"))) if present]
+    timing = run.get("timing") or []  # [] in runs older than the timer; not in `watch`'s run at all
+    timing_phases = [p for p in PHASES if any(p in row["phases"] for row in timing)] + \
+        list(dict.fromkeys(p for row in timing for p in row["phases"] if p not in PHASES))
     sections += [("configuration", "Configuration"), ("environment", "Environment and data")]
     return {"title": title, "toc": sections,
             "diagnosed": run["findings"] is not None, "checks": run.get("checks"), "config": cfg.get("config", {}),
             "environment": cfg.get("environment", {}), "data": cfg.get("data", {}), "wall_seconds": cfg.get("wall_seconds"),
             "metrics": metrics, "metric_columns": list(metrics[0]) if metrics else [],
+            "timing": timing, "timing_phases": timing_phases, "profile": run.get("profile"),
             "last": last, "result": result, "figures": figures, "captions": captions, "key_plots": key_plots,
             "in_summary": in_summary, "findings": findings, "finding_groups": group_findings(findings),
             "layers": layers, "lr_find": lr_find, "ablation": run["ablation"]}

@@ -63,10 +63,6 @@ def add_config_arguments(p: argparse.ArgumentParser, run_prefix: str = "train") 
                      help="summarise N values of each output and gradient per step (default: %(default)s, about "
                           "1.1x the step time on a 2-core CPU); 0 summarises all of them, exactly, at about 1.6x")
     run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files into the run folder")
-    run.add_argument("--profile", type=positive_int, default=d.profile, metavar="N",
-                     help="record N training steps of the first epoch with torch.profiler, after a short warm-up "
-                          "(1 skipped and 1 warm-up step): writes profile_trace.json (open it in "
-                          "https://ui.perfetto.dev or chrome://tracing) and lists the top operators in the report")
     run.add_argument("--out", default=d.out, metavar="DIR", help=f"run folder to write (default: runs/{run_prefix}-<date>-<time>)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace --out if it holds a deepscope run (and nothing else): the new run is written "
@@ -96,6 +92,10 @@ def add_parser(subparsers) -> None:
     long.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints, metavar="K",
                       help="step checkpoints to keep, newest first; the best epoch's is kept besides "
                            "(default: %(default)s)")
+    long.add_argument("--profile", type=positive_int, default=DEFAULTS.profile, metavar="N",
+                      help="record N training steps of the first epoch with torch.profiler, after a short warm-up "
+                           "(1 skipped and 1 warm-up step): writes profile_trace.json (open it in "
+                           "https://ui.perfetto.dev or chrome://tracing) and lists the top operators in the report")
     long.add_argument("--resume", metavar="RUN_DIR",
                       help="continue an interrupted or killed run from its last checkpoint, with the settings it "
                            "started with (RUN_DIR is its --out, with or without .partial); bit for bit on the CPU")
