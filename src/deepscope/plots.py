@@ -102,16 +102,18 @@ def plot_metrics(history: list[dict], ax=None):
     return fig
 
 
-def figure_to_png(fig, dpi: int = 100) -> bytes:
+def figure_to_png(fig, dpi: int = 100, tight: bool = True) -> bytes:
+    """The figure as PNG bytes (and closed). `tight` crops it to what is drawn, which draws it twice: pass
+    False for a figure whose margins are already set (layer_panels), at half the time."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return buf.getvalue()
 
 
-def figure_to_data_uri(fig, dpi: int = 100) -> str:
+def figure_to_data_uri(fig, dpi: int = 100, tight: bool = True) -> str:
     """A PNG as a data: URI, so a report can inline it and open with no network and no side files."""
-    return "data:image/png;base64," + base64.b64encode(figure_to_png(fig, dpi)).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(figure_to_png(fig, dpi, tight)).decode("ascii")
 
 
 # --- per-layer statistics ------------------------------------------------------------------------------
