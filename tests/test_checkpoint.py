@@ -261,9 +261,8 @@ def test_other_epochs_callbacks_or_optimizer_are_refused(tmp_path, one_thread):
     with pytest.raises(CheckpointError, match="callbacks this learner lacks: .*ActivationStats"):
         fewer.fit(3, resume_from=tmp_path)
     sgd = _learner(tmp_path)
-    sgd.opt_func = torch.optim.SGD
-    with pytest.raises(CheckpointError, match="optimizer is AdamW"):
-        sgd.create_opt()
+    sgd.opt_func = torch.optim.SGD  # the optimizer is made by fit, as usual
+    with pytest.raises(CheckpointError, match="optimizer is AdamW, this learner.s is SGD"):
         sgd.fit(3, resume_from=tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         _learner(tmp_path / "empty").fit(3, resume_from=tmp_path / "nothing-here")

@@ -445,10 +445,6 @@ class Learner:
         if not train:
             raise ConfigError("resuming continues training: fit(..., train=False) cannot resume")
         check_model_state(self.model, state.get("model") or {})
-        opt_class = state.get("optimizer_class")
-        if self.opt is not None and opt_class is not None and opt_class != type(self.opt).__name__:
-            raise CheckpointError(f"the checkpoint's optimizer is {opt_class}, this learner's is "
-                                  f"{type(self.opt).__name__}")
         return state
 
     def _load_training_state(self) -> int:
@@ -458,6 +454,10 @@ class Learner:
         if state.get("optimizer") is not None:
             if self.opt is None:
                 self.create_opt()
+            opt_class = state.get("optimizer_class")
+            if opt_class is not None and opt_class != type(self.opt).__name__:
+                raise CheckpointError(f"the checkpoint's optimizer is {opt_class}, this learner's is "
+                                      f"{type(self.opt).__name__}; resume with the optimizer it was taken with")
             try:
                 self.opt.load_state_dict(state["optimizer"])
             except (ValueError, KeyError) as e:
