@@ -397,3 +397,27 @@ def test_a_stop_during_validation_waits_for_the_epoch_end(tmp_path, one_thread):
         assert stopped == folder / step_name(10 * (epoch + 1))
         assert load_checkpoint(stopped)["progress"]["epoch"] == epoch + 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler in force is put back
+
+
+def test_no_checkpoint_while_gradients_are_accumulating(tmp_path, one_thread):
+    """Gradient accumulation (a batch cancelled after backward keeps its gradients for the next): gradients
+    are not part of a checkpoint, so none is written at such a boundary, and a resume is still exact."""
+
+    class Accumulate(ds.Callback):
+        def after_backward(self, learn):
+            if learn.train_iter % 2 == 0:
+                raise ds.CancelBatchException()
+
+    def learner(folder, *extra):
+        return ds.Learner(_model(), _data(), lr=1e-2, cbs=[MetricsCallback(), Recorder(), Accumulate(),
+                                                           Checkpoint(folder, every=1, keep_last=100), *extra])
+
+    ref = learner(tmp_path / "ref")
+    ref.fit(2)
+    steps = [int(p.stem.split("-")[1]) for p in step_checkpoints(tmp_path / "ref")]
+    assert steps and all(s % 2 == 0 for s in steps)  # after a stepped batch only
+    with pytest.raises(KeyboardInterrupt):
+        learner(tmp_path / "run", StopAfter(7)).fit(2)
+    resumed = learner(tmp_path / "run")
+    resumed.fit(2, resume_from=tmp_path / "run")
+    assert all(torch.equal(v, w) for v, w in zip(ref.model.state_dict().values(), resumed.model.state_dict().values()))

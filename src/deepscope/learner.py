@@ -98,7 +98,8 @@ class Learner:
       (batch index in this pass); train_iter (training batches finished in this fit, so the index of the
       current one); iters_per_epoch (training batches per epoch that schedules plan for); batch (the
       (x, y) pair; xb and yb are its parts); preds; loss; loss_scale; skip_step; lr_sweep (True while
-      `lr_find`'s sweep runs); error (the exception ending a phase); resuming (the progress of the
+      `lr_find`'s sweep runs); error (the exception ending a phase); gradients_pending (a backward pass
+      ran since the last step's zero_grad: a batch cancelled after backward); resuming (the progress of the
       checkpoint this fit resumes, {"epoch", "batch", "train_iter", ...}, until its state is put back; else
       None).
 
@@ -170,6 +171,7 @@ class Learner:
         self.skip_step, self.lr_sweep = False, False
         self.error: BaseException | None = None
         self.resuming: dict | None = None
+        self.gradients_pending = False  # a backward pass ran and no step has used its gradients yet
         self._resume: dict | None = None  # the checkpoint's state until it is put back
         self._epoch_rng: dict | None = None  # random streams at the start of this training pass (see _data_state)
         self.add_cbs(cbs)
@@ -286,6 +288,7 @@ class Learner:
             elif lr is not None:
                 self.lr = lr
             self.model.zero_grad(set_to_none=True)  # a fit cancelled after backward left its gradients
+            self.gradients_pending = False
             self.n_epochs, self.train_iter, self.error = n_epochs, 0, None
             self.iters_per_epoch = data_length(self.dls.train)
             self._resume = resume
@@ -351,10 +354,12 @@ class Learner:
         self.callback("after_loss")
         if self.training:
             step.backward(self)
+            self.gradients_pending = True
             self.callback("after_backward")
             step.step(self)
             self.callback("after_step")
             step.zero_grad(self)
+            self.gradients_pending = False
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def state_dict(self, at: str = "batch", extra: dict | None = None) -> dict:

@@ -214,7 +214,7 @@ class Checkpoint(_Monitor):
         done = learn.train_iter + 1
         due = self.every is not None and done % self.every == 0
         stop = stop_requested() is not None
-        if (due or stop) and not any(p.grad is not None for p in learn.model.parameters()):
+        if (due or stop) and not learn.gradients_pending:
             self._write(learn, "batch", done)
             if stop:
                 self.stopped_at = self.last
