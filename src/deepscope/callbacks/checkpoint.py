@@ -220,7 +220,7 @@ class Checkpoint(_Monitor):
                 self.stopped_at = self.last
 
     def cleanup_epoch(self, learn) -> None:
-        if learn.error is not None or learn.lr_sweep:
+        if learn.error is not None or learn.lr_sweep or learn.gradients_pending:
             return
         stop = stop_requested() is not None
         improved = False
