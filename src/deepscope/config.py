@@ -54,6 +54,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # also checkpoint every N training steps (always at each epoch's end)
     keep_checkpoints: int = 2  # step checkpoints kept (the best epoch's is kept besides)
     report: bool = True  # write report.html at the end (`deepscope report RUN` writes it later)
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over the whole global batch (SyncBatchNorm)
     out: str | None = None  # run folder; None makes runs/train-YYYYmmdd-HHMMSS
 
     def __post_init__(self) -> None:

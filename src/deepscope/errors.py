@@ -63,6 +63,12 @@ def clear_pending_interrupt() -> None:
     _pending.clear()
 
 
+def request_stop(signum: int) -> None:
+    """Ask for a stop at the next batch boundary without raising (a stop another rank received)."""
+    if not _pending:
+        _pending.append(signum)
+
+
 def stop_requested() -> int | None:
     """The signal of a stop asked for and not yet acted on, or None."""
     return _pending[-1] if _pending else None

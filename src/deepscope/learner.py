@@ -393,9 +393,12 @@ class Learner:
         else:
             raise ValueError(f"at must be 'batch', 'epoch' or 'fit', got {at!r}")
         progress.update(n_epochs=self.n_epochs, finished=at == "fit")
+        from . import distributed
         from .checkpoint import rng_state
 
-        return {"progress": progress, "model": self.model.state_dict(),
+        # under DistributedDataParallel each rank has its own streams (dropout): all of them, a collective
+        by_rank = distributed.gather_objects(rng_state()) if distributed.active() else None
+        return {"rng_by_rank": by_rank, "progress": progress, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict() if self.opt is not None else None,
                 "optimizer_class": type(self.opt).__name__ if self.opt is not None else None,
                 "train_step": self.train_step.state_dict() if hasattr(self.train_step, "state_dict") else None,
@@ -487,9 +490,14 @@ class Learner:
         for key, cb in keyed:
             if key in saved:
                 cb.load_state_dict(saved[key])
+        from . import distributed
         from .checkpoint import set_rng_state
 
-        set_rng_state(state["rng"])
+        by_rank = state.get("rng_by_rank")
+        if by_rank and len(by_rank) == distributed.world_size():
+            set_rng_state(by_rank[distributed.rank()])
+        else:
+            set_rng_state(state["rng"])
         self.resuming = None
 
     def _resume_data(self):

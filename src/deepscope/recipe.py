@@ -17,7 +17,9 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import TrainConfig
 from .data import DataLoaders, image_dls
 from .diagnose import Diagnose, moved_paths, save_findings
-from .errors import CheckpointError, ConfigError
+from . import distributed
+from .callbacks.distributed import Distributed, check_world
+from .errors import CheckpointError, ConfigError, OutputError
 from .init import init_model, lsuv_
 from .learner import Learner
 from .models import get_model
@@ -112,7 +114,10 @@ def build_learner(config: TrainConfig, dls: DataLoaders, extra_cbs=(), progress:
     """The configured Learner. `progress` adds the per-epoch table (and bars and live plot unless `quiet`)."""
     init_batch = next(iter(dls.train))[0] if config.init == "lsuv" else None
     model = build_model(config, dls.n_classes or 10, init_batch)
-    device = DeviceCallback(config.device, channels_last=True)
+    device_name = config.device
+    if distributed.active() and config.device in ("auto", "cuda"):
+        device_name = str(distributed.device())  # each process its own GPU (torchrun's LOCAL_RANK), or the CPU
+    device = DeviceCallback(device_name, channels_last=True)
     cbs = [device, MetricsCallback(), Recorder(), PhaseTimer(), *schedule_callbacks(config), *step_callbacks(config),
            *extra_cbs]
     if progress:
@@ -134,6 +139,53 @@ class RunResult:
     findings: tuple = ()  # the diagnosis of the run (Findings, causes first)
     checked: str = ""  # what the diagnosis checked, in a line (Analysis.summary)
     train_seconds: float | None = None  # the training alone (config.json's wall_seconds); `seconds` is the whole run
+
+
+def _open_run(config: TrainConfig | None, overwrite: bool, resume) -> tuple:
+    """(run folder, config, checkpoint to resume from or None) of a single process, or of rank 0."""
+    if resume is not None:
+        run = RunFolder.reopen(resume, "train")
+        try:
+            config = TrainConfig.from_dict(read_config(run.path)["config"])
+            checkpoint = latest_checkpoint(run.path / CHECKPOINTS, log=run.log)
+            if checkpoint is None:
+                raise CheckpointError(f"{run.path} holds no checkpoint whose checksum matches: the run stopped "
+                                      f"before its first one; start it again (with --overwrite to replace it)")
+        except BaseException:
+            run._release()
+            raise
+        return run, config, checkpoint
+    if config.tensorboard:
+        from .tensorboard import _summary_writer_class
+
+        _summary_writer_class()  # a missing tensorboard package stops the run before the data is read
+    return RunFolder.prepare(config.out, "train", overwrite=overwrite), config, None
+
+
+def _shared_run(config: TrainConfig | None, overwrite: bool, resume) -> tuple:
+    """Under torchrun: rank 0 prepares (or reopens) the run folder, and every rank learns its path, the
+    config and the checkpoint to resume from; an error on rank 0 is raised on every rank (and printed by
+    rank 0 only, deepscope.cli)."""
+    from .runfolder import FollowerRun
+
+    shared, run, error = None, None, None
+    if distributed.is_main():
+        try:
+            run, config, checkpoint = _open_run(config, overwrite, resume)
+            shared = (str(run.path), str(run.final), config.to_dict(), str(checkpoint) if checkpoint else None)
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+            error = e
+    shared, message = distributed.broadcast_object((shared, f"{type(error).__name__}: {error}" if error else None))
+    if error is not None:
+        raise error
+    if message is not None:
+        error = OutputError(f"rank 0 could not start the run ({message})")
+        error.told_by_rank0 = True
+        raise error
+    path, final, config_dict, checkpoint = shared
+    if run is None:
+        run = FollowerRun(Path(path), Path(final))
+    return run, TrainConfig.from_dict(config_dict), Path(checkpoint) if checkpoint else None
 
 
 def _check_same_config(state: dict, config: TrainConfig, path: Path) -> None:
@@ -231,24 +283,12 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
     `config` is None: the run's own config.json is used) continues it from its latest checkpoint. `report`
     (None: as the config says) whether to write report.html."""
     started = time.perf_counter()
-    checkpoint = None
-    if resume is not None:
-        run = RunFolder.reopen(resume, "train")
-        try:
-            config = TrainConfig.from_dict(read_config(run.path)["config"])
-            checkpoint = latest_checkpoint(run.path / CHECKPOINTS, log=run.log)
-            if checkpoint is None:
-                raise CheckpointError(f"{run.path} holds no checkpoint whose checksum matches: the run stopped "
-                                      f"before its first one; start it again (with --overwrite to replace it)")
-        except BaseException:
-            run._release()
-            raise
-    elif config.tensorboard:
-        from .tensorboard import _summary_writer_class
-
-        _summary_writer_class()  # a missing tensorboard package stops the run before the data is read
-    if resume is None:
-        run = RunFolder.prepare(config.out, "train", overwrite=overwrite)
+    if distributed.launched():  # one of several processes started by torchrun: rank 0 owns the run folder
+        distributed.init()
+        run, config, checkpoint = _shared_run(config, overwrite, resume)
+    else:
+        run, config, checkpoint = _open_run(config, overwrite, resume)
+    main = distributed.is_main()
     with run:
         if checkpoint is None:  # first, so that a killed run can be resumed with its own settings
             run.write_config(config.to_dict(), environment=environment(config.device))
@@ -261,8 +301,11 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
         checkpoints = Checkpoint(run.path / CHECKPOINTS, every=config.checkpoint_every,
                                  keep_last=config.keep_checkpoints, monitor="valid_loss",
                                  extra={"config": config.to_dict()})
-        learn = build_learner(config, dls, [*looking_inside_callbacks(config, run.path), checkpoints],
-                              progress=progress, quiet=quiet)
+        extra = [*looking_inside_callbacks(config, run.path if main else None), checkpoints]
+        if distributed.active():
+            check_world(config.batch_size)
+            extra.append(Distributed(sync_batchnorm=config.sync_batchnorm))
+        learn = build_learner(config, dls, extra, progress=progress and main, quiet=quiet)
         state = None
         if checkpoint is not None:
             state = load_checkpoint(checkpoint)
@@ -273,7 +316,7 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
         try:
             learn.fit(config.epochs, resume_from=state)
         except BaseException as e:
-            if not has_checkpoints(run.path):
+            if not main or not has_checkpoints(run.path):
                 raise
             _keep_what_ran(run, learn, config, e, started)
             raise
@@ -284,8 +327,11 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
         options = {"resumed_from": checkpoint.name} if checkpoint is not None else {}
         run.write_config(config.to_dict(), environment=environment(device), data=dls.info, wall_seconds=seconds,
                          options=options)
-        findings, checked = _write_results(run, learn)
-        if config.report if report is None else report:
+        if main:
+            findings, checked = _write_results(run, learn)
+        else:
+            findings, checked = [], ""
+        if main and (config.report if report is None else report):
             from .report import write_report
 
             run.optional("report", lambda: write_report(run.path))

@@ -457,6 +457,50 @@ class RunFolder:
             self._release()
 
 
+class FollowerRun:
+    """The run folder as a rank other than 0 of a DistributedDataParallel job sees it: rank 0's paths (to
+    read checkpoints from), and every write a no-op, since only rank 0 writes (deepscope.distributed)."""
+
+    def __init__(self, path: Path, final: Path):
+        self.path, self.final, self.finished, self.kept = Path(path), Path(final), False, False
+        self.failed_optional: list[str] = []
+        self.outcome = ""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, data) -> None:
+        pass
+
+    def write_config(self, *args, **kwargs) -> None:
+        pass
+
+    def optional(self, what: str, step) -> bool:
+        return True
+
+    def discard(self, name: str) -> None:
+        pass
+
+    def keep_unfinished(self, outcome: str) -> None:
+        self.kept, self.outcome = True, outcome
+
+    def finish(self) -> Path:
+        self.finished = True
+        return self.final
+
+    def _release(self) -> None:
+        pass
+
+    def __enter__(self) -> "FollowerRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def _attach_outcome(exc: BaseException, outcome: str) -> None:
     """Let the CLI say what happened to the run folder when it reports the error."""
     exc.run_folder_outcome = outcome  # read by deepscope.cli.main

@@ -5,13 +5,14 @@ from .metrics import MetricsCallback
 from .progress import ProgressCallback
 from .recorder import Recorder
 from .checkpoint import Checkpoint, EarlyStopping, SaveBest
+from .distributed import Distributed
 from .training import GradClip, MixedPrecision, MixedPrecisionStep
 from .schedule import CosineSchedule, OneCycle, ParamScheduler, combine_scheds, sched_cos, sched_lin
 from .timing import PhaseTimer
 
 __all__ = ["DeviceCallback", "default_device", "to_device", "LimitBatches", "SingleBatch", "MetricsCallback",
            "ProgressCallback", "Recorder", "CosineSchedule", "OneCycle", "ParamScheduler", "combine_scheds",
-           "sched_cos", "sched_lin", "default_callbacks", "Checkpoint", "EarlyStopping", "SaveBest", "GradClip", "MixedPrecision",
+           "sched_cos", "sched_lin", "default_callbacks", "Checkpoint", "Distributed", "EarlyStopping", "SaveBest", "GradClip", "MixedPrecision",
            "MixedPrecisionStep", "PhaseTimer"]
 
 

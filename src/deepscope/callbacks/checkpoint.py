@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .. import distributed
 from ..callback import Callback, CancelFitException
 from ..checkpoint import BEST, checksum_path, encode, step_name, sweep_temporary, write_bytes
-from ..errors import ConfigError, check_number, stop_requested, stops_at_boundaries
+from ..errors import ConfigError, check_number, request_stop, stop_requested, stops_at_boundaries
 from ..weights import load_weights, save_weights
 from .metrics import MetricsCallback
 
@@ -202,8 +203,9 @@ class Checkpoint(_Monitor):
         self.kept, self.best_name, self.last, self.stopped_at = [], None, None, None
         if self.monitoring:
             super().before_fit(learn)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        sweep_temporary(self.folder)
+        if distributed.is_main():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            sweep_temporary(self.folder)
         if self.stop_at_boundaries:
             self._stops = stops_at_boundaries()
             self._stops.__enter__()
@@ -213,7 +215,7 @@ class Checkpoint(_Monitor):
             return
         done = learn.train_iter + 1
         due = self.every is not None and done % self.every == 0
-        stop = stop_requested() is not None
+        stop = self._agreed_stop()
         if (due or stop) and not learn.gradients_pending:
             self._write(learn, "batch", done)
             if stop:
@@ -222,7 +224,7 @@ class Checkpoint(_Monitor):
     def cleanup_epoch(self, learn) -> None:
         if learn.error is not None or learn.lr_sweep or learn.gradients_pending:
             return
-        stop = stop_requested() is not None
+        stop = self._agreed_stop()
         improved = False
         metrics = learn.get_cb(MetricsCallback)
         measured = metrics is not None and metrics.history and metrics.history[-1].get("epoch") == learn.epoch + 1
@@ -232,10 +234,25 @@ class Checkpoint(_Monitor):
                 self.best, self.best_name = self.current(learn), BEST
         if self.at_epoch_end or stop or improved:
             data = self._write(learn, "epoch", learn.train_iter)
-            if improved:
+            if improved and data:
                 write_bytes(self.folder / BEST, data)
             if stop:
                 self.stopped_at = self.last
+
+    @staticmethod
+    def _agreed_stop() -> bool:
+        """Whether a stop was asked for; under DDP, on any rank (one small collective per step), so that every
+        rank stops, and takes its part of the checkpoint, at the same boundary."""
+        asked = stop_requested()
+        if not distributed.active():
+            return asked is not None
+        import torch
+
+        flag = torch.tensor([float(asked or 0)], device=distributed.device())
+        signum = int(distributed.all_reduce_(flag, "max").item())
+        if signum and asked is None:
+            request_stop(signum)
+        return bool(signum)
 
     def cleanup_fit(self, learn) -> None:
         if self._stops is not None:
@@ -247,12 +264,15 @@ class Checkpoint(_Monitor):
         if name not in self.kept:
             self.kept.append(name)
         old, self.kept = self.kept[:-self.keep_last], self.kept[-self.keep_last:]
-        data = encode(learn.state_dict(at, extra=self.extra))  # holds this callback's state, `kept` included
+        state = learn.state_dict(at, extra=self.extra)  # holds this callback's state, `kept` included
+        self.last = self.folder / name
+        if not distributed.is_main():  # under DDP every rank takes its part of the state; rank 0 writes it
+            return b""
+        data = encode(state)
         write_bytes(self.folder / name, data)
         for gone in old:
             for path in (self.folder / gone, checksum_path(self.folder / gone)):
                 path.unlink(missing_ok=True)
-        self.last = self.folder / name
         return data
 
     def state_dict(self) -> dict:

@@ -31,6 +31,16 @@ class WeightedMean:
         self.count += weight
 
     def compute(self) -> float | None:
+        """The mean; under DistributedDataParallel, of every rank's values (a collective: all ranks call it)."""
+        from .. import distributed
+
+        if distributed.active():
+            device = self.total.device if self.total is not None else distributed.device()
+            both = torch.stack([self.total.reshape(()) if self.total is not None else torch.zeros((), device=device),
+                                torch.tensor(float(self.count), device=device)])
+            distributed.all_reduce_(both, "sum")
+            total, count = both.tolist()
+            return total / count if count else None
         return None if self.total is None else float(self.total) / self.count
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ..callback import Callback
 
 
@@ -26,7 +27,10 @@ class Recorder(Callback):
     def after_loss(self, learn) -> None:
         if learn.training:
             loss = learn.loss.detach()  # one value per step: an unreduced loss is recorded as its mean
-            self._pending.append(loss.float().mean() if loss.numel() != 1 else loss.reshape(()))
+            loss = loss.float().mean() if loss.numel() != 1 else loss.reshape(())
+            if distributed.active():  # every rank's loss is over its share of the batch: their mean is the batch's
+                loss = distributed.all_reduce_(loss.clone(), "sum") / distributed.world_size()
+            self._pending.append(loss)
             group = learn.opt.param_groups[0]
             self.lrs.append(float(group["lr"]))
             mom = group.get("momentum", group.get("betas", (None,))[0])

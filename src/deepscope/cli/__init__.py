@@ -73,24 +73,30 @@ def main(argv: list[str] | None = None) -> int:
     stops = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, _raise_interrupted) for s in stops} if on_main else {}
     clear_pending_interrupt()
+    from .. import distributed
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         clear_pending_interrupt()
         term = isinstance(e, Interrupted) and e.signum == signal.SIGTERM
-        print(f"{name}: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
-        _outcome(e)
+        if distributed.is_main():  # under torchrun every rank stops; rank 0 says so
+            print(f"{name}: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
+            _outcome(e)
         return 143 if term else 130
     except Exception as e:  # noqa: BLE001 - user errors become one message; anything else is re-raised
         user = _user_error(e)
         if user is None:
             raise
-        print(f"{name}: error: {_message(user)}", file=sys.stderr)
-        _outcome(e)
+        if not getattr(user, "told_by_rank0", False):  # an error rank 0 met is printed by rank 0 alone
+            where = f"[rank {distributed.rank()}] " if distributed.active() and not distributed.is_main() else ""
+            print(f"{name}: {where}error: {_message(user)}", file=sys.stderr)
+            _outcome(e)
         return 2
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        distributed.shutdown()
 
 
 def _outcome(e: BaseException) -> None:

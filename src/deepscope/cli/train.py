@@ -96,6 +96,9 @@ def add_parser(subparsers) -> None:
                       help="record N training steps of the first epoch with torch.profiler, after a short warm-up "
                            "(1 skipped and 1 warm-up step): writes profile_trace.json (open it in "
                            "https://ui.perfetto.dev or chrome://tracing) and lists the top operators in the report")
+    long.add_argument("--sync-batchnorm", action="store_true",
+                      help="under torchrun: BatchNorm layers take their statistics over the whole global batch "
+                           "(torch's SyncBatchNorm) instead of each process's share")
     long.add_argument("--resume", metavar="RUN_DIR",
                       help="continue an interrupted or killed run from its last checkpoint, with the settings it "
                            "started with (RUN_DIR is its --out, with or without .partial); bit for bit on the CPU")
@@ -138,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     result = train(config, quiet=args.quiet, overwrite=args.overwrite, resume=args.resume,
                    report=None if args.report else False)
+    from .. import distributed
+
+    if not distributed.is_main():  # under torchrun, rank 0 speaks for the job
+        return 0
     report = result.run_dir / "report.html"
     where = (f"run folder {result.run_dir} (no report: --no-report; write it with `deepscope report {result.run_dir}`)"
              if not report.exists() and "report" not in result.failed_steps else

@@ -28,13 +28,33 @@ class TensorBatches:
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.generator = generator
+        self.rank, self.world_size, self.even = 0, 1, False  # see shard
         self._order: torch.Tensor | None = None  # this pass's permutation (CPU), while shuffling
         self._position = 0                         # batches this pass has yielded
         self._resume: tuple[torch.Tensor | None, int] | None = None  # set by load_state_dict for the next pass
 
     def __len__(self) -> int:
         n = len(self.x)
+        if self.even and self.world_size > 1 and not self.drop_last and n % self.batch_size % self.world_size:
+            return n // self.batch_size  # a last global batch that does not split evenly is dropped
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def shard(self, rank: int, world_size: int, *, even: bool) -> "TensorBatches":
+        """Make this the data of process `rank` of `world_size` (DistributedDataParallel): every process
+        draws the same permutation (the generator must be seeded alike on all of them: the semantics of
+        DistributedSampler.set_epoch, one permutation per pass), cuts it into the same global batches of
+        `batch_size`, and takes every `world_size`-th item of each, starting at its rank. So the items
+        of global batch i over all ranks are those a single process would put in its batch i, and the
+        ranks see disjoint data. `even` (training): a last global batch that does not split evenly over
+        the ranks is dropped, so every rank takes the same number of batches of the same size (DDP's
+        averaged gradient then equals the single-process one). Otherwise (validation) ranks take what
+        falls to them; a rank left with nothing in the last batch skips it. ConfigError when `even` and
+        the batch size does not divide by `world_size`."""
+        if even and self.batch_size % world_size:
+            raise ConfigError(f"the batch size {self.batch_size} does not split evenly over {world_size} processes; "
+                              f"use a multiple of {world_size} (it is the global batch, shared by the processes)")
+        self.rank, self.world_size, self.even = rank, world_size, even
+        return self
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.x)
@@ -48,12 +68,19 @@ class TensorBatches:
             cpu_order, start = None, 0
         self._order, self._position = cpu_order, start
         order = cpu_order.to(self.x.device) if cpu_order is not None else None
+        sharded = self.world_size > 1
         for i in range(start, len(self)):
             self._position = i + 1  # counted before the batch is used: a checkpoint after it continues at i + 1
-            if order is None:
-                yield self.x[i * self.batch_size:(i + 1) * self.batch_size], self.y[i * self.batch_size:(i + 1) * self.batch_size]
+            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            if sharded:  # this rank's items of global batch i
+                idx = (order[lo:hi] if order is not None else torch.arange(lo, hi, device=self.x.device))
+                idx = idx[self.rank::self.world_size]
+                if len(idx):
+                    yield self.x[idx], self.y[idx]
+            elif order is None:
+                yield self.x[lo:hi], self.y[lo:hi]
             else:
-                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+                idx = order[lo:hi]
                 yield self.x[idx], self.y[idx]
 
     def state_dict(self) -> dict:

@@ -585,21 +585,43 @@ class StatsRecorder:
         self._pending = 0
 
     @host_timed
-    def flush(self) -> None:
-        """Move the filled device rows into the host history (one read-back per split)."""
+    def flush(self, synchronized: bool = True) -> None:
+        """Move the filled device rows into the host history (one read-back per split).
+
+        Under DistributedDataParallel (deepscope.distributed) the training rows are first combined across
+        ranks, a collective: that happens only where every rank flushes at the same point (`synchronized`:
+        a full block, an epoch's end, close, a checkpoint). A flush asked for at any other time (reading
+        `stats()` for a plot) leaves the rows for the next synchronized one; the validation rows (ranks may
+        run different numbers of validation batches) stay each rank's own."""
         if self._row is not None:
             return  # a step is being filled: its rows are read back once it ends
+        from .. import distributed
+
+        combine = distributed.active()
+        if combine and not synchronized:
+            return
         self._summarise()
         if self._scaled_rows:  # sums and norms scale linearly: divide those of the output gradients
             train = self._rows["train"]
             train.tensors[:train.n, len(self.modules):, :2].mul_(self._grad_unscale[:train.n, None, None])
             self._grad_unscale.fill_(1.0)
             self._scaled_rows = False
+        if combine:
+            self._rows["train"].combine_across_ranks(distributed.world_size())
+            self._combine_census()
         for split, rows in self._rows.items():
             if rows.n:
                 steps, fields = rows.read()
                 store = self._stores[split]
                 store.append(steps, {k: fields[k] for k in store.rules})
+
+    def _combine_census(self) -> None:
+        """The per-unit on-shares of every rank's censuses, averaged (equal batches: the whole batch's)."""
+        from .. import distributed
+
+        for i in sorted(self._units):
+            u = self._units[i]
+            distributed.all_reduce_(u["ring"], "sum").div_(distributed.world_size())
 
     # --- results ---------------------------------------------------------------------------------------
     def _arrays(self, split: str) -> dict[str, np.ndarray]:
@@ -615,7 +637,7 @@ class StatsRecorder:
         """Everything recorded so far as `Stats` (with the validation history when `valid`)."""
         if not self._stores:
             raise RuntimeError(f"{self.who} has recorded nothing yet")
-        self.flush()
+        self.flush(synchronized=False)
         train = self._arrays("train")
         valid_arrays = {f"valid_{k}": v for k, v in self._arrays("valid").items()} if valid else None
         edges = np.linspace(*self.hist_range, self.hist_bins + 1)

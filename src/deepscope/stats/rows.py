@@ -55,6 +55,7 @@ class DeviceRows:
         self.norm_scale = np.ones((capacity, 2 * M))
         self.steps = np.zeros(capacity, dtype=np.int64)
         self.n = 0
+        self._combined = False  # the filled rows were combined across ranks (combine_across_ranks)
 
     def _split(self, rows):
         """The three views (tensors, hist, param) of a (R, W) tensor or array."""
@@ -76,6 +77,51 @@ class DeviceRows:
     def finish_row(self) -> None:
         self.n += 1
 
+    def combine_across_ranks(self, world_size: int) -> None:
+        """Under DistributedDataParallel: make the filled rows describe the whole global batch of each step,
+        on every rank. Sums, dead and non-finite counts, histogram bins and the values counted add; squared
+        norms add; min and max are reduced; a sample's norm is first scaled to its tensor's. Each rank's
+        output gradients come from the mean loss over its 1/world_size of the batch, so they are
+        world_size times those of the whole batch's mean loss: their sums and norms are divided by it.
+        Parameter rows are left alone (the weights, and the averaged gradients, are the same on every
+        rank). Every rank must call it with the same rows filled. A collective; see deepscope.distributed."""
+        from .. import distributed
+
+        n, M = self.n, self.n_modules
+        if not n:
+            return
+        t, hist = self.tensors[:n], self.hist[:n]
+        count = torch.as_tensor(self.numel[:n], dtype=t.dtype, device=t.device)  # (n, 2M)
+        ran = count > 0
+        if self.sample_size:  # a slot's padding zeros (see read) come out here, before counts are added
+            padding = torch.where(ran, self.sample_size - count, torch.zeros_like(count))
+            hist[..., 1] -= padding[:, :M]
+            zero_off = torch.as_tensor(self.zero_off, dtype=t.dtype, device=t.device)
+            t[:, :M, _DEAD] -= padding[:, :M] * zero_off
+        self._combined = True  # read() has no padding left to take out
+        t[..., _NORM] *= torch.as_tensor(self.norm_scale[:n], dtype=t.dtype, device=t.device)
+        self.norm_scale[:n] = 1
+        mask = ran[..., None]
+        additive = torch.stack([t[..., _SUM], t[..., _NORM].square(), t[..., _DEAD], t[..., _NONFINITE]], -1)
+        additive = torch.where(mask, additive, torch.zeros_like(additive))
+        hist_sum = torch.where(ran[:, :M, None], hist, torch.zeros_like(hist))
+        low = torch.where(ran, t[..., _MIN], torch.full_like(count, float("inf")))
+        high = torch.where(ran, t[..., _MAX], torch.full_like(count, float("-inf")))
+        packed = torch.cat([additive.flatten(), hist_sum.flatten(), count.flatten()])
+        distributed.all_reduce_(packed, "sum")
+        distributed.all_reduce_(low, "min")
+        distributed.all_reduce_(high, "max")
+        k = additive.numel()
+        additive = packed[:k].view_as(additive)
+        hist.copy_(packed[k:k + hist_sum.numel()].view_as(hist))
+        count = packed[k + hist_sum.numel():].view_as(count)
+        t[..., _SUM], t[..., _NORM] = additive[..., 0], additive[..., 1].sqrt()
+        t[..., _DEAD], t[..., _NONFINITE] = additive[..., 2], additive[..., 3]
+        t[..., _MIN], t[..., _MAX] = low, high
+        t[:, M:, _SUM] /= world_size
+        t[:, M:, _NORM] /= world_size
+        self.numel[:n] = count.cpu().numpy()
+
     def read(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Copy the filled rows to the host, as `steps` and the saved fields, and empty the block."""
         n, M = self.n, self.n_modules
@@ -83,7 +129,9 @@ class DeviceRows:
         self.buffer[:n].fill_(float("nan"))          # after the copy, so the rows start empty again
         tensors, hist, param = self._split(block)
         count = self.numel[:n]
-        padding = np.where(count > 0, self.sample_size - count, 0) if self.sample_size else np.zeros_like(count)
+        padded = self.sample_size and not self._combined
+        padding = np.where(count > 0, self.sample_size - count, 0) if padded else np.zeros_like(count)
+        self._combined = False
         tensors = np.where((count == 0)[..., None], np.nan, tensors)  # a module that did not run: no statistics
         mean, std = moments(tensors[..., _SUM], tensors[..., _NORM], count)
         hist[..., 1] -= padding[:, :M]               # a slot's zeros beyond the values: first bin, dead

@@ -1,0 +1,124 @@
+"""Train a Learner with DistributedDataParallel across the processes torchrun started (deepscope.distributed)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .. import distributed
+from ..callback import Callback
+from ..data.loaders import TensorBatches
+from ..errors import ConfigError
+from ..learner import TrainStep
+
+
+class DistributedStep(TrainStep):
+    """The training forward pass goes through the DistributedDataParallel wrapper (which averages the
+    gradients across ranks during backward); validation calls the model itself, so a rank's validation
+    batches need no other rank. The rest is the step it wraps."""
+
+    def __init__(self, inner: TrainStep, ddp: nn.Module):
+        self.inner, self.ddp = inner, ddp
+
+    def predict(self, learn) -> None:
+        if learn.training:
+            learn.preds = self.ddp(learn.xb)
+        else:
+            self.inner.predict(learn)
+
+    def get_loss(self, learn) -> None:
+        self.inner.get_loss(learn)
+
+    def backward(self, learn) -> None:
+        self.inner.backward(learn)
+
+    def step(self, learn) -> None:
+        self.inner.step(learn)
+
+    def zero_grad(self, learn) -> None:
+        self.inner.zero_grad(learn)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.inner.load_state_dict(state)
+
+
+class Distributed(Callback):
+    """Train on every process of a `torchrun` job with torch's DistributedDataParallel; in a single process
+    it does nothing, so the same script runs both ways.
+
+    At before_fit (after DeviceCallback has put the model on this rank's device): joins the process group
+    (deepscope.distributed.init: gloo on the CPU, NCCL on CUDA, a `timeout_s` on every collective), turns
+    BatchNorm layers into SyncBatchNorm when `sync_batchnorm`, wraps the model for the training forward
+    pass, and shards TensorBatches data by rank (`TensorBatches.shard`: every rank cuts the same permutation
+    into the same global batches and takes its share of each; the training set's batch size is the global
+    batch and must divide by the number of processes). MetricsCallback, Recorder and ActivationStats then
+    combine their numbers across ranks (sample-weighted sums, the mean loss, the statistics rows), so rank
+    0's history describes the whole batch; only rank 0 writes files (deepscope train checks
+    `distributed.is_main()`). Other data (a DataLoader) must be sharded by you (DistributedSampler).
+    The model's parameters are broadcast from rank 0 when it is wrapped. The model and train_step are
+    restored at cleanup_fit.
+
+    A BatchNorm layer that sees fewer than `min_bn_batch` items per rank, without SyncBatchNorm, is
+    reported once as a warning: small per-rank batches make BatchNorm's statistics noisy (Wu & Johnson
+    2021, "Rethinking 'Batch' in BatchNorm").
+    """
+
+    order = -15  # after DeviceCallback (-20), before LimitBatches (-10) and everything that hooks the model
+
+    def __init__(self, sync_batchnorm: bool = False, timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+                 find_unused_parameters: bool = False, min_bn_batch: int = 16):
+        self.sync_batchnorm, self.timeout_s = sync_batchnorm, timeout_s
+        self.find_unused_parameters, self.min_bn_batch = find_unused_parameters, min_bn_batch
+        self.ddp = None
+        self._saved_step: TrainStep | None = None
+        self._sharded: list[TensorBatches] = []
+        self._model: nn.Module | None = None
+
+    def before_fit(self, learn) -> None:
+        self._saved_step, self._sharded, self._model = None, [], None
+        if not distributed.init(timeout_s=self.timeout_s):
+            return
+        rank, world = distributed.rank(), distributed.world_size()
+        self._model = learn.model
+        if self.sync_batchnorm and next(learn.model.parameters()).device.type != "cuda":
+            raise ConfigError("SyncBatchNorm runs on CUDA GPUs only (torch's implementation); on the CPU train "
+                              "without BatchNorm, or with GroupNorm or LayerNorm (--norm group, --norm layer)")
+        if self.sync_batchnorm:  # same Parameters and buffers: the optimizer keeps them, the model is put back
+            learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
+        for dl, even in ((learn.dls.train, True), (learn.dls.valid, False)):
+            if isinstance(dl, TensorBatches):
+                self._sharded.append(dl.shard(rank, world, even=even))
+        learn.iters_per_epoch = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else None
+        self._warn_small_batchnorm(learn, world)
+        device = next(learn.model.parameters()).device
+        self.ddp = nn.parallel.DistributedDataParallel(
+            learn.model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=self.find_unused_parameters)
+        self._saved_step = learn.train_step
+        learn.train_step = DistributedStep(learn.train_step, self.ddp)
+
+    def _warn_small_batchnorm(self, learn, world: int) -> None:
+        bs = getattr(learn.dls.train, "batch_size", None)
+        if self.sync_batchnorm or bs is None or not distributed.is_main():
+            return
+        bns = [n for n, m in learn.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if bns and bs // world < self.min_bn_batch:
+            print(f"deepscope: warning: BatchNorm ({', '.join(bns[:3])}{'...' if len(bns) > 3 else ''}) sees "
+                  f"{bs // world} items per process ({bs} over {world}): its batch statistics will be noisy; use "
+                  f"SyncBatchNorm (--sync-batchnorm) or a larger batch")
+
+    def cleanup_fit(self, learn) -> None:
+        if self._saved_step is not None:
+            learn.train_step, self._saved_step = self._saved_step, None
+        if self._model is not None:
+            learn.model, self._model = self._model, None
+        self.ddp = None
+
+
+def check_world(batch_size: int) -> None:
+    """ConfigError before any data is read when the batch does not split over the processes."""
+    world = distributed.world_size()
+    if world > 1 and batch_size % world:
+        raise ConfigError(f"the batch size {batch_size} does not split evenly over {world} processes; use a "
+                          f"multiple of {world} (it is the global batch, shared by the processes)")

@@ -1,0 +1,112 @@
+"""Several processes, one training: PyTorch's own `torchrun` and `DistributedDataParallel` (DDP).
+
+deepscope has no launcher or scheduler of its own. `torchrun --nproc-per-node N -m deepscope train ...`
+starts N processes and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init()` joins them in
+a process group (gloo on the CPU, NCCL on CUDA) with a timeout, so that a rank that stopped cannot leave the
+others waiting for ever. This module is the one owner of "which process am I": every other part asks it
+(`rank`, `world_size`, `is_main`) and uses its collectives, which do nothing in a single process.
+
+The `Distributed` callback (deepscope.callbacks) trains a Learner this way: the model is wrapped in DDP for
+the training forward pass (gradients are averaged across ranks during backward), each rank takes its slice
+of every global batch, and per-epoch metrics, the loss record and the statistics are combined across ranks,
+so that rank 0 describes the whole batch. Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# How long a collective may wait for the other ranks before the job fails (torch's default is 30 minutes
+# for gloo and 10 for NCCL): a rank that died or hangs ends the job within this time.
+DEFAULT_TIMEOUT_S = 300
+
+
+def launched() -> bool:
+    """Whether this process was started as one of several (torchrun sets WORLD_SIZE > 1)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def active() -> bool:
+    """Whether a process group of more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Join the process group torchrun described in the environment (once; later calls do nothing). The
+    backend is NCCL when CUDA is available, else gloo. Returns whether this process is one of several."""
+    if launched() and dist.is_available() and not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return active()
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a job)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank, 0 in a single process."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """How many processes train together, 1 in a single process."""
+    return dist.get_world_size() if active() else 1
+
+
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK), which picks its GPU."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints (rank 0, or a single process)."""
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """The device of this rank: its GPU (by LOCAL_RANK) under CUDA, else the CPU."""
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Combine `tensor` across ranks in place (op: "sum", "min", "max"); nothing in a single process.
+    Every rank must call it at the same point, with a tensor of the same shape."""
+    if active():
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                                    "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (a picklable object made by deepscope itself, e.g. a path)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
