@@ -2,7 +2,6 @@
 a killed job resumes, and two "nodes" meet through a c10d rendezvous. Every launch has an outer timeout."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -201,3 +200,17 @@ def test_two_nodes_meet_through_a_c10d_rendezvous(data, ddp_run, tmp_path):
             n.kill()
     assert all(n.returncode == 0 for n in nodes), [r[1][-2000:] for r in results]
     _weights_close(reference, out)
+
+
+@pytest.mark.gpu
+def test_nccl_on_gpus_with_sync_batchnorm(data, tmp_path):
+    """On a machine with 2 GPUs or more: NCCL, one GPU per process, SyncBatchNorm (skips elsewhere)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    out = tmp_path / "run"
+    args = [a for a in _train_args(data, out) if a not in ("--norm", "none")]
+    done = _run([*_torchrun(), *args, "--sync-batchnorm", "--device", "auto"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "model.safetensors").is_file()
