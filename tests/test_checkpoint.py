@@ -154,7 +154,8 @@ def uninterrupted(tmp_path_factory):
     return learn
 
 
-@pytest.mark.parametrize("stop", [9, 10, 17, 30])  # mid-epoch, the epoch's last batch, mid-epoch, the fit's end
+# mid-epoch; the epoch's last batch; just after an epoch's end (its end-of-epoch checkpoint); mid-epoch; the end
+@pytest.mark.parametrize("stop", [9, 10, 11, 17, 30])
 def test_resume_gives_the_same_fit_bit_for_bit(tmp_path, uninterrupted, stop, one_thread):
     with pytest.raises(KeyboardInterrupt):
         _learner(tmp_path, StopAfter(stop)).fit(3)
@@ -421,3 +422,42 @@ def test_no_checkpoint_while_gradients_are_accumulating(tmp_path, one_thread):
     resumed = learner(tmp_path / "run")
     resumed.fit(2, resume_from=tmp_path / "run")
     assert all(torch.equal(v, w) for v, w in zip(ref.model.state_dict().values(), resumed.model.state_dict().values()))
+
+
+def test_a_stop_at_any_step_gives_the_same_statistics(tmp_path, uninterrupted, one_thread):
+    """A signal's checkpoint falls between the scheduled ones (every 7 steps): the record flushed there
+    must still equal the uninterrupted one's, histogram bins included."""
+    import signal
+
+    class Signal(ds.Callback):
+        order = 95
+
+        def cleanup_batch(self, learn):
+            if learn.training and learn.train_iter + 1 == 13:
+                signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        _learner(tmp_path, Signal()).fit(3)
+    assert latest_checkpoint(tmp_path).name == step_name(13)
+    resumed = _learner(tmp_path)
+    resumed.fit(3, resume_from=tmp_path)
+    _assert_same_fit(uninterrupted, resumed)
+
+
+def test_other_optimizer_settings_are_refused(tmp_path, one_thread):
+    _interrupted_state(tmp_path)
+    other = _learner(tmp_path)
+    other.opt_func = lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.5)
+    with pytest.raises(CheckpointError, match=r"weight_decay: 0.01 in the checkpoint, 0.5 here"):
+        other.fit(3, resume_from=tmp_path)
+
+
+def test_no_checkpoint_message_tells_missing_checksums_from_none(tmp_path):
+    from deepscope.recipe import no_checkpoint_message
+
+    assert "stopped before its first one" in no_checkpoint_message(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints").mkdir()
+    save_checkpoint(tmp_path / "checkpoints" / step_name(5), {"a": 1})
+    (tmp_path / "checkpoints" / (step_name(5) + ".sha256")).unlink()
+    text = no_checkpoint_message(tmp_path / "checkpoints")
+    assert "none of the 1 checkpoints" in text and "sha256sum FILE > FILE.sha256" in text

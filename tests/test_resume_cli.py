@@ -193,3 +193,32 @@ def test_step_flags_map_to_callbacks(setup, tmp_path):
     assert (saved["clip"], saved["precision"], saved["early_stop"]) == (0.5, "bf16", 1)
     bad = _run([sys.executable, "-m", "deepscope", "train", "--precision", "fp8"])
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_a_closed_output_pipe_stops_quietly_and_keeps_the_run(setup, tmp_path):
+    root, data, ref = setup
+    out = tmp_path / "run"
+    args = [a for a in _args(data, out) if a != "--quiet"]  # the per-epoch table goes to stdout
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc.stdout.readline()  # the table's header, then the reader goes away (`| head -1`)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(60) == 1 and "Traceback" not in stderr, stderr
+    assert step_checkpoints(out.with_name("run.partial") / "checkpoints")  # the work is kept to be resumed
+
+
+def test_resume_drops_what_was_exported_from_the_unfinished_run(setup, tmp_path):
+    from deepscope.runfolder import EXPORT, RunFolder
+
+    root, data, ref = setup
+    partial = tmp_path / "run.partial"
+    partial.mkdir()
+    (partial / ".deepscope-run.json").write_text(json.dumps({"tool": "deepscope", "kind": "train", "state": "writing"}))
+    (partial / EXPORT).mkdir()
+    (partial / EXPORT / "model.pt2").write_bytes(b"old")
+    run = RunFolder.reopen(tmp_path / "run")
+    try:
+        run.discard(EXPORT)
+    finally:
+        run._release()
+    assert not (partial / EXPORT).exists() and partial.is_dir()

@@ -466,6 +466,7 @@ class Learner:
             if opt_class is not None and opt_class != type(self.opt).__name__:
                 raise CheckpointError(f"the checkpoint's optimizer is {opt_class}, this learner's is "
                                       f"{type(self.opt).__name__}; resume with the optimizer it was taken with")
+            _check_same_hyper_parameters(state["optimizer"], self.opt)
             try:
                 self.opt.load_state_dict(state["optimizer"])
             except (ValueError, KeyError) as e:
@@ -591,6 +592,24 @@ def _stream_state(dl) -> dict:
 
     generator = getattr(dl, "generator", None)
     return {"rng": rng_state(), "generator": generator.get_state() if isinstance(generator, torch.Generator) else None}
+
+
+# hyper-parameters a schedule moves during a fit: the checkpoint's values are the ones to continue with
+_SCHEDULED = {"params", "lr", "initial_lr", "momentum", "betas"}
+
+
+def _check_same_hyper_parameters(saved: dict, opt: torch.optim.Optimizer) -> None:
+    """CheckpointError naming the optimizer settings (weight decay, eps, ...) that differ between a
+    checkpoint and this optimizer: loading it would silently replace the ones asked for."""
+    groups = saved.get("param_groups") or []
+    if len(groups) != len(opt.param_groups):
+        raise CheckpointError(f"the checkpoint's optimizer has {len(groups)} parameter group(s), this one "
+                              f"{len(opt.param_groups)}")
+    differ = [f"{k}: {g[k]!r} in the checkpoint, {own.get(k)!r} here" for g, own in zip(groups, opt.param_groups)
+              for k in g if k not in _SCHEDULED and k in own and g[k] != own[k]]
+    if differ:
+        raise CheckpointError(f"the checkpoint's optimizer was set up otherwise ({'; '.join(differ[:4])}); resume "
+                              f"with the settings it was taken with")
 
 
 def check_model_state(model: nn.Module, state: dict) -> None:

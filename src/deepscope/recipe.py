@@ -26,7 +26,7 @@ from .models import get_model
 from .norms import NORM_KINDS
 from .optim import OPTIMIZERS
 from .runfolder import (
-    CHECKPOINTS, CHECKS, FINDINGS, METRICS, RECORDER, REPORT, STATS, WEIGHTS, RunFolder, environment, has_checkpoints,
+    CHECKPOINTS, CHECKS, EXPORT, FINDINGS, METRICS, RECORDER, REPORT, STATS, WEIGHTS, RunFolder, environment, has_checkpoints,
     read_config,
 )
 from .seed import set_seed
@@ -149,8 +149,7 @@ def _open_run(config: TrainConfig | None, overwrite: bool, resume) -> tuple:
             config = TrainConfig.from_dict(read_config(run.path)["config"])
             checkpoint = latest_checkpoint(run.path / CHECKPOINTS, log=run.log)
             if checkpoint is None:
-                raise CheckpointError(f"{run.path} holds no checkpoint whose checksum matches: the run stopped "
-                                      f"before its first one; start it again (with --overwrite to replace it)")
+                raise CheckpointError(no_checkpoint_message(run.path / CHECKPOINTS))
         except BaseException:
             run._release()
             raise
@@ -160,6 +159,19 @@ def _open_run(config: TrainConfig | None, overwrite: bool, resume) -> tuple:
 
         _summary_writer_class()  # a missing tensorboard package stops the run before the data is read
     return RunFolder.prepare(config.out, "train", overwrite=overwrite), config, None
+
+
+def no_checkpoint_message(folder: Path) -> str:
+    """Why there is nothing to resume from in `folder`, and what to do."""
+    from .checkpoint import step_checkpoints
+
+    found = step_checkpoints(folder)
+    if not found:
+        return (f"{folder.parent} holds no checkpoint: the run stopped before its first one; start it again "
+                f"(with --overwrite to replace it)")
+    return (f"none of the {len(found)} checkpoints in {folder} passed its SHA-256 check (see above: a missing "
+            f".sha256 file, or a damaged checkpoint). If you trust a checkpoint whose .sha256 was lost, write it "
+            f"again with `sha256sum FILE > FILE.sha256` in {folder}, then resume")
 
 
 def _shared_run(config: TrainConfig | None, overwrite: bool, resume) -> tuple:
@@ -294,6 +306,7 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
             run.write_config(config.to_dict(), environment=environment(config.device))
         else:
             run.discard(REPORT)  # the report of what ran before the stop; the finished run gets its own
+            run.discard(EXPORT)  # models exported from the unfinished run: not the finished run's weights
         if config.threads:
             torch.set_num_threads(config.threads)
         set_seed(config.seed)

@@ -283,10 +283,16 @@ class RunFolder:
         return run
 
     def discard(self, name: str) -> None:
-        """Remove a file this unfinished run wrote earlier and that no longer describes it (the report of
-        what ran before an interruption, once the run resumes)."""
-        if not self.finished and _is_own(name):
-            (self.path / name).unlink(missing_ok=True)
+        """Remove a file (or a folder of files) this unfinished run wrote earlier and that no longer
+        describes it: the report of what ran before an interruption, or a model exported from it, once the
+        run resumes."""
+        if self.finished:
+            return
+        target = self.path / name
+        if target.is_dir() and not target.is_symlink():
+            _remove_listed(target, [f for f in _files_under(target) if _is_own(f"{name}/{f}")])
+        elif _is_own(name):
+            target.unlink(missing_ok=True)
 
     def keep_unfinished(self, outcome: str) -> None:
         """Leave the unfinished run where it is (its checkpoints let it resume) instead of abandoning it

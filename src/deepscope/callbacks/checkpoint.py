@@ -149,6 +149,8 @@ class EarlyStopping(_Monitor):
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = learn.epoch
+            print(f"{self.name}: {self.monitor} has not improved for {self.wait} epoch(s) (best {self.best:.4g}); "
+                  f"stopping after epoch {learn.epoch + 1} of {learn.n_epochs}")
             raise CancelFitException()
 
 

@@ -157,3 +157,7 @@ class MetricsCallback(Callback):
             record[f"train_{name}"] = float(metric.compute()) if metric.update_called else None
         record["seconds"] = time.perf_counter() - self._started
         self.history.append(record)
+        # the epoch's training sums are spent: a checkpoint at the epoch's end must not carry them into the next
+        self.loss["train"].reset()
+        for metric in self._train.values():
+            metric.reset()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -56,6 +57,17 @@ def _user_error(e: BaseException) -> BaseException | None:
     return None
 
 
+def _caused_by(e: BaseException, kind: type) -> bool:
+    """Whether `e` is, or was caused by (a callback wraps it), an exception of type `kind`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return True
+        e = getattr(e, "error", None) or e.__cause__
+    return False
+
+
 def _message(e: BaseException) -> str:
     if isinstance(e, OSError):
         where = f": {e.filename}" if e.filename else ""
@@ -85,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             _outcome(e)
         return 143 if term else 130
     except Exception as e:  # noqa: BLE001 - user errors become one message; anything else is re-raised
+        if _caused_by(e, BrokenPipeError):  # the output was closed (`| head`): stop quietly, as other tools do
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except OSError:
+                pass
+            _outcome(e)
+            return 1
         user = _user_error(e)
         if user is None:
             raise

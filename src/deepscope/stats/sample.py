@@ -90,9 +90,11 @@ class SampleBlock:
         low, high = hist_range
         self._scale = bins / (high - low)
         shift = low * self._scale
-        # where bin 0 of each (tensor, step) lands in the flat histogram counts, less the shift of bin numbers
-        starts = torch.arange(H * K, device=device) * (bins + 1) + (1.0 - shift)
-        self._hist_start = starts.float().view(H, K, 1)
+        # where the counts of each (tensor, step) start in the flat histogram counts: added as integers after
+        # the bin is found, so a value's bin does not depend on its slot (a float offset of thousands would
+        # round values near a bin edge differently in different slots)
+        self._hist_start = (torch.arange(H * K, device=device) * (bins + 1)).view(H, K, 1)
+        self._bin_offset = 1.0 - shift  # bin numbers start at 1 (0 holds the non-finite count)
         self._hist_zeros = torch.zeros(H * K * (bins + 1), device=device)
         self._hist_ones = torch.ones(H * K * S, device=device)
         self._host_rng = random.Random(seed)
@@ -204,9 +206,10 @@ class SampleBlock:
         a.mul_(self._scale)                          # fractional bin number + shift
         marker = shift - 0.5                         # non-finite: half a bin below the first, slot 0
         torch.nan_to_num_(a, nan=marker, posinf=marker)
-        a.clamp_(max=bins - 0.5 + shift).add_(self._hist_start[:, :K])  # index into the flat counts
+        a.clamp_(max=bins - 0.5 + shift).add_(self._bin_offset)  # the bin number, 0 for non-finite
         index = self._slot_index[:H * K * S]
         index.copy_(a.reshape(-1))                   # float -> long truncates: the bin
+        index.view(H, K, S).add_(self._hist_start[:, :K])  # then the slot's place in the flat counts
         if a.is_cuda:
             counts = self._hist_zeros.clone().scatter_add_(0, index, self._hist_ones[:H * K * S])
         else:
