@@ -214,3 +214,17 @@ def test_nccl_on_gpus_with_sync_batchnorm(data, tmp_path):
     done = _run([*_torchrun(), *args, "--sync-batchnorm", "--device", "auto"], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "model.safetensors").is_file()
+
+
+def test_rank_findings_reach_rank_0_with_the_rank_named():
+    from deepscope.diagnose import Finding
+    from deepscope.diagnose.callback import merge_rank_findings
+
+    own = [Finding("lr_too_high", "", "error", "The loss rose.", "Lower the lr.")]
+    other = [Finding("lr_too_high", "", "error", "The loss rose.", "Lower the lr.").to_dict(),
+             Finding("nonfinite_forward", "", "error", "The input held NaN at step 3.", "Clean the data.",
+                     {"step": 3}).to_dict()]
+    merged = merge_rank_findings(own, [[f.to_dict() for f in own], other])
+    assert [f.kind for f in merged].count("lr_too_high") == 1  # found by both: once
+    added = next(f for f in merged if f.kind == "nonfinite_forward")
+    assert added.message.startswith("On rank 1: ") and added.evidence == {"step": 3, "rank": 1}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..callback import Callback, CancelFitException
 from ..callbacks import MetricsCallback, Recorder
 from ..stats import ActivationStats
@@ -190,7 +191,34 @@ class Diagnose(Callback):
         return n
 
     def update_findings(self, learn) -> list[Finding]:
-        """Analyse everything recorded so far into `.analysis` and `.findings`."""
+        """Analyse everything recorded so far into `.analysis` and `.findings`. Under DistributedDataParallel
+        each rank analyses its own record, and rank 0 adds what the others found that it did not (a NaN in
+        one rank's share of the batch), with the rank named (a collective: not when an error is ending
+        the fit, as the other ranks may be elsewhere)."""
         self.analysis = analyse_run(self.record(learn))
         self.findings = self.analysis.findings
+        if distributed.active() and learn.error is None:
+            self.findings = self.analysis.findings = merge_rank_findings(
+                self.findings, distributed.gather_objects([f.to_dict() for f in self.findings]))
         return self.findings
+
+
+def merge_rank_findings(own: list[Finding], by_rank: list[list[dict]]) -> list[Finding]:
+    """This rank's findings, plus those of other ranks (in rank order) of a kind and module it did not find,
+    each saying which rank found it (evidence "rank"); causes first again."""
+    from .finding import sort_findings
+
+    seen = {(f.kind, f.module) for f in own}
+    merged = list(own)
+    for rank, found in enumerate(by_rank):
+        if rank == distributed.rank():
+            continue
+        for data in found:
+            f = Finding.from_dict(data)
+            if (f.kind, f.module) in seen:
+                continue
+            seen.add((f.kind, f.module))
+            f.message = f"On rank {rank}: {f.message}"
+            f.evidence = {**f.evidence, "rank": rank}
+            merged.append(f)
+    return sort_findings(merged)
