@@ -59,7 +59,7 @@ def copy_run(src: Path, dest: Path) -> Path:
 def start_long_run(data, out, *extra) -> subprocess.Popen:
     """A training run that lasts long enough to be interrupted; returns once it is writing its staging folder."""
     proc = subprocess.Popen(cli("train", "--data-dir", data, *FAST[:-2], "--epochs", "500", "--batch-size", "16",
-                                "--out", out, *extra), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                "--no-report", "--out", out, *extra), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     staging = Path(str(out) + ".partial")
     deadline = time.monotonic() + 60
@@ -99,7 +99,7 @@ def test_kill_9_leaves_the_old_run_and_the_next_run_cleans_up(data, old_run, tmp
     proc.communicate(timeout=30)
     assert tree(out) == before, "kill -9 mid-run must not touch the old run"
     assert read_marker(Path(str(out) + ".partial"))["state"] == "writing"
-    done = subprocess.run(cli("train", "--data-dir", data, *FAST, "--out", out, "--overwrite"),
+    done = subprocess.run(cli("train", "--data-dir", data, *FAST, "--out", out, "--overwrite", "--no-report"),
                           env=env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "interrupted run" in done.stderr
@@ -296,7 +296,7 @@ def test_quiet_silences_the_bars_on_a_terminal_and_keeps_the_table(data, tmp_pat
 
         leader, follower = pty.openpty()  # a real terminal, where bars would show
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))  # 100 columns wide
-        proc = subprocess.Popen(cli("train", "--data-dir", data, *FAST, "--batch-size", "16",
+        proc = subprocess.Popen(cli("train", "--data-dir", data, *FAST, "--batch-size", "16", "--no-report",
                                     "--out", tmp_path / f"run{len(extra)}", *extra),
                                 env=env(), stdin=follower, stdout=follower, stderr=follower)
         os.close(follower)

@@ -280,6 +280,9 @@ class RunFolder:
         run._lock_fd = fd
         run._started = marker.get("started", run._started)
         run._write_marker(staging, state="writing")
+        # it existed before this process: whatever stops this one, it is kept, with its checkpoints
+        run.kept = True
+        run.outcome = f"the unfinished run is kept in {staging}; resume it with: deepscope {kind} --resume {final}"
         return run
 
     def discard(self, name: str) -> None:
