@@ -27,6 +27,7 @@ import torch
 
 from deepscope.callbacks import Checkpoint
 from deepscope.config import TrainConfig
+from deepscope.cpu_memory import keep_freed_memory
 from deepscope.data import DataLoaders, TensorBatches, image_dls
 from deepscope.errors import DataError
 from deepscope.recipe import build_learner, looking_inside_callbacks
@@ -78,6 +79,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `deepscope train` does (cpu_memory.py)
     config = TrainConfig(device="cpu")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads")
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,8 +91,12 @@ def main() -> None:
               f"({1000 * ckpt.seconds / max(1, ckpt.writes):.0f} ms each)")
         ratios = []
         for r in range(args.rounds):
-            with_every, _ = fit(config, args.every, Path(tmp) / f"a{r}", 1)
-            without, _ = fit(config, None, Path(tmp) / f"b{r}", 1)
+            if r % 2:  # alternate which goes first: the first fit of a pair pays for the garbage of the last
+                without, _ = fit(config, None, Path(tmp) / f"b{r}", 1)
+                with_every, _ = fit(config, args.every, Path(tmp) / f"a{r}", 1)
+            else:
+                with_every, _ = fit(config, args.every, Path(tmp) / f"a{r}", 1)
+                without, _ = fit(config, None, Path(tmp) / f"b{r}", 1)
             ratios.append(with_every / without)
             print(f"round {r + 1}: every {args.every} steps {with_every:.1f} s, epoch ends only {without:.1f} s, "
                   f"ratio {ratios[-1]:.3f}")
