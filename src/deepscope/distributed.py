@@ -53,6 +53,7 @@ def shutdown() -> None:
     """Leave the process group (at the end of a job)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _control.clear()
 
 
 def rank() -> int:
@@ -87,6 +88,21 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                                     "max": dist.ReduceOp.MAX}[op])
     return tensor
+
+
+_control = []  # the CPU (gloo) process group for small host-side agreements, made once when first needed
+
+
+def any_rank(value: int) -> int:
+    """The largest of every rank's `value` (e.g. a stop signal's number, 0 for none), agreed on the host:
+    through a gloo group beside NCCL, so asking costs no GPU synchronisation. Every rank must call it."""
+    if not active():
+        return value
+    if not _control:
+        _control.append(dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None)
+    flag = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control[0])
+    return int(flag.item())
 
 
 def broadcast_object(obj, src: int = 0):

@@ -243,15 +243,12 @@ class Checkpoint(_Monitor):
 
     @staticmethod
     def _agreed_stop() -> bool:
-        """Whether a stop was asked for; under DDP, on any rank (one small collective per step), so that every
-        rank stops, and takes its part of the checkpoint, at the same boundary."""
+        """Whether a stop was asked for; under DDP, on any rank (one small host-side collective per step, no GPU
+        synchronisation), so that every rank stops, and takes its part of the checkpoint, at the same boundary."""
         asked = stop_requested()
         if not distributed.active():
             return asked is not None
-        import torch
-
-        flag = torch.tensor([float(asked or 0)], device=distributed.device())
-        signum = int(distributed.all_reduce_(flag, "max").item())
+        signum = distributed.any_rank(asked or 0)
         if signum and asked is None:
             request_stop(signum)
         return bool(signum)
