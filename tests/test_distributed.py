@@ -228,3 +228,25 @@ def test_rank_findings_reach_rank_0_with_the_rank_named():
     assert [f.kind for f in merged].count("lr_too_high") == 1  # found by both: once
     added = next(f for f in merged if f.kind == "nonfinite_forward")
     assert added.message.startswith("On rank 1: ") and added.evidence == {"step": 3, "rank": 1}
+
+
+def test_sigterm_stops_every_rank_at_the_same_boundary(data, ddp_run, tmp_path):
+    """A cluster's SIGTERM reaches the ranks at slightly different moments: they agree on one batch boundary,
+    write one whole checkpoint there, and the job resumes to the same weights."""
+    root, reference, _ = ddp_run
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*_torchrun(), *_train_args(data, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+    target = tmp_path / "run.partial" / "checkpoints" / "step-00000010.safetensors"
+    deadline = time.monotonic() + 120
+    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    subprocess.run(["pkill", "-TERM", "-f", str(out)], check=False)  # torchrun and both ranks
+    _, stderr = proc.communicate(timeout=120)
+    assert "EnforceNotMet" not in stderr and "collective mismatch" not in stderr, stderr[-3000:]
+    partial = tmp_path / "run.partial"
+    stopped = json.loads((partial / "config.json").read_text())["options"].get("stopped_at_step")
+    assert stopped is not None and step_checkpoints(partial / "checkpoints")[-1].name == f"step-{stopped:08d}.safetensors"
+    resumed = _run([*_torchrun(), *_train_args(data, out)[:3], "--resume", str(out), "--quiet"], timeout=200)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _weights_close(reference, out, tol=0)

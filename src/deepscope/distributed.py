@@ -66,6 +66,16 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
+def planned_world_size() -> int:
+    """The processes of this job: the group's size once joined, else what torchrun's WORLD_SIZE announces."""
+    if active():
+        return world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def local_rank() -> int:
     """This process's index on its machine (torchrun's LOCAL_RANK), which picks its GPU."""
     return int(os.environ.get("LOCAL_RANK", "0"))

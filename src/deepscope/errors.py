@@ -56,17 +56,33 @@ def raise_pending_interrupt(at_batch_boundary: bool = False) -> None:
         e = Interrupted(_pending.pop())
         e.at_batch_boundary = at_batch_boundary
         _pending.clear()
+        _agreed.clear()
         raise e
 
 
 def clear_pending_interrupt() -> None:
     _pending.clear()
+    _agreed.clear()
 
 
 def request_stop(signum: int) -> None:
     """Ask for a stop at the next batch boundary without raising (a stop another rank received)."""
     if not _pending:
         _pending.append(signum)
+
+
+_agreed: list[bool] = []  # under DDP: the pending stop was agreed by every rank (Checkpoint's agreement)
+
+
+def agree_stop() -> None:
+    """Every rank agreed on the pending stop: the Learner may act on it (see `stop_due`)."""
+    _agreed[:] = [True]
+
+
+def stop_due(distributed_job: bool) -> bool:
+    """Whether the Learner should act on a pending stop now: at once in one process; under DDP only once
+    every rank has agreed on it, so that all stop at the same boundary."""
+    return bool(_pending) and (not distributed_job or bool(_agreed))
 
 
 def stop_requested() -> int | None:
@@ -86,8 +102,9 @@ class stops_at_boundaries:
     """While active (main thread only; elsewhere it does nothing), the first Ctrl-C or SIGTERM does not raise
     where the program is: it is remembered, a line says the run will stop after this batch, and the
     Learner raises Interrupted at its next training-batch boundary (or the next epoch's start), where a
-    checkpoint of the whole state can be written. A second one stops at once, as usual. The handlers in
-    force before are put back on exit. Used by the Checkpoint callback from before_fit to cleanup_fit."""
+    checkpoint of the whole state can be written. A second Ctrl-C stops at once, as usual; a SIGTERM while
+    already stopping changes nothing (launchers such as torchrun forward one after the user's Ctrl-C). The
+    handlers in force before are put back on exit. Used by the Checkpoint callback from before_fit to cleanup_fit."""
 
     def __init__(self, say=None):
         self.say = say or (lambda m: print(m, file=__import__("sys").stderr, flush=True))
@@ -96,12 +113,17 @@ class stops_at_boundaries:
     def _handler(self, signum, frame) -> None:
         import signal
 
-        if _pending:  # the second request: stop now
-            request_interrupt(signum)
+        if _pending:
+            if signum == signal.SIGINT and _pending[0] == signal.SIGINT:  # Ctrl-C twice: stop now
+                request_interrupt(signum)
+            return  # already stopping (a launcher such as torchrun forwards SIGTERM after the user's Ctrl-C)
         _pending.append(signum)
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self.say(f"deepscope: {name}: stopping after this batch and writing a checkpoint "
-                 f"(press Ctrl-C again to stop at once)")
+        from . import distributed
+
+        if distributed.is_main():
+            self.say(f"deepscope: {name}: stopping at the next batch boundary and writing a checkpoint "
+                     f"(press Ctrl-C again to stop at once)")
 
     def __enter__(self) -> "stops_at_boundaries":
         import signal

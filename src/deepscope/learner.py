@@ -23,7 +23,7 @@ from torch import nn
 from .callback import (
     BATCH_POINTS, CANCEL_EXCEPTIONS, EVENTS, PHASES, Callback, CallbackError, check_event_names,
 )
-from .errors import CheckpointError, ConfigError, DataError, deferring_stops, raise_pending_interrupt
+from .errors import CheckpointError, ConfigError, DataError, deferring_stops, raise_pending_interrupt, stop_due
 
 OptFactory = Callable[..., torch.optim.Optimizer]
 _CANCELS = tuple(CANCEL_EXCEPTIONS.values())
@@ -303,11 +303,11 @@ class Learner:
         if self._resume is not None:  # after before_fit: the device is set, the callbacks are ready
             first = self._load_training_state()
         for self.epoch in range(first, self.n_epochs):
-            raise_pending_interrupt(at_batch_boundary=True)  # a stop asked for during the last validation
+            self._stop_point()  # a stop asked for during the last validation
             self._phase("epoch", functools.partial(self._one_epoch, train, valid))
         if self._resume is not None:  # a checkpoint taken at the very end of the last epoch
             self._restore_callbacks_and_streams()
-        raise_pending_interrupt(at_batch_boundary=True)  # asked for during the last validation: still a stop
+        self._stop_point()  # asked for during the last validation: still a stop
 
     def _one_epoch(self, train: bool, valid: bool) -> None:
         if train:
@@ -333,7 +333,7 @@ class Learner:
         for self.iter, self.batch in enumerate(batches, start):
             if self.training or not deferring_stops():  # a stop asked during validation waits for the epoch's end
                 # a stop asked for is taken here, between batches (also a Ctrl-C Python swallowed in a finaliser)
-                raise_pending_interrupt(at_batch_boundary=True)
+                self._stop_point()
             if isinstance(self.batch, (tuple, list)) and self.batch and isinstance(self.batch[0], torch.Tensor) \
                     and self.batch[0].dim() > 0 and len(self.batch[0]) == 0:
                 raise DataError(f"{'training' if self.training else 'validation'} batch {self.iter} holds no items; "
@@ -344,6 +344,14 @@ class Learner:
                 self.train_iter += 1
         if not seen and not start:  # data of unknown length that turned out empty: never "train" silently
             raise no_batches_error(self.training)
+
+    def _stop_point(self) -> None:
+        """Take a stop asked for (Ctrl-C, SIGTERM; also one Python swallowed in a finaliser) here, between
+        batches; under DistributedDataParallel only once every rank has agreed on it (Checkpoint)."""
+        from . import distributed
+
+        if stop_due(distributed.active()):
+            raise_pending_interrupt(at_batch_boundary=True)
 
     def _one_batch(self) -> None:
         step = self.train_step
@@ -392,8 +400,9 @@ class Learner:
             progress = {"epoch": self.n_epochs, "batch": 0, "train_iter": self.train_iter}
         else:
             raise ValueError(f"at must be 'batch', 'epoch' or 'fit', got {at!r}")
-        progress.update(n_epochs=self.n_epochs, finished=at == "fit")
         from . import distributed
+
+        progress.update(n_epochs=self.n_epochs, finished=at == "fit", world_size=distributed.world_size())
         from .checkpoint import rng_state
 
         # under DistributedDataParallel each rank has its own streams (dropout): all of them, a collective
@@ -452,6 +461,13 @@ class Learner:
                                   f"epochs is in its state), not fit({n_epochs}, ...)")
         if not train:
             raise ConfigError("resuming continues training: fit(..., train=False) cannot resume")
+        from . import distributed
+
+        saved_world = progress.get("world_size", 1)
+        if saved_world != distributed.planned_world_size():
+            raise CheckpointError(f"the checkpoint was taken by {saved_world} process(es) and this job has "
+                                  f"{distributed.planned_world_size()}: resume with the same number (torchrun "
+                                  f"--nproc-per-node/--nnodes), since the batches and random streams are split by it")
         check_model_state(self.model, state.get("model") or {})
         return state
 

@@ -161,6 +161,13 @@ def _open_run(config: TrainConfig | None, overwrite: bool, resume) -> tuple:
     return RunFolder.prepare(config.out, "train", overwrite=overwrite), config, None
 
 
+def resume_command(final: Path) -> str:
+    """The command that continues a run: under torchrun, with the same number of processes."""
+    if distributed.active():
+        return f"torchrun --nproc-per-node {distributed.world_size()} -m deepscope train --resume {final}"
+    return f"deepscope train --resume {final}"
+
+
 def no_checkpoint_message(folder: Path) -> str:
     """Why there is nothing to resume from in `folder`, and what to do."""
     from .checkpoint import step_checkpoints
@@ -243,7 +250,7 @@ def _keep_what_ran(run: RunFolder, learn: Learner, config: TrainConfig, error: B
     old = (f" The old run in {run.final} is intact; the resumed run replaces it when it completes."
            if run.final.is_dir() and any(run.final.iterdir()) else "")
     run.keep_unfinished(f"{at}; the run so far is kept in {run.path} with its checkpoints (latest: "
-                        f"{where.name if where else 'none'}). Resume it with: deepscope train --resume {run.final}.{old}")
+                        f"{where.name if where else 'none'}). Resume it with: {resume_command(run.final)}.{old}")
     if isinstance(error, Interrupted) and getattr(error, "at_batch_boundary", False):
         run.log("writing what ran and its report (press Ctrl-C again to skip)")
         wrote = run.optional("results", lambda: _write_results(run, learn))
@@ -302,6 +309,8 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
         run, config, checkpoint = _open_run(config, overwrite, resume)
     main = distributed.is_main()
     with run:
+        if distributed.active():
+            check_world(config.batch_size)  # before the data is read
         if checkpoint is None:  # first, so that a killed run can be resumed with its own settings
             run.write_config(config.to_dict(), environment=environment(config.device))
         else:
@@ -316,7 +325,6 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
                                  extra={"config": config.to_dict()})
         extra = [*looking_inside_callbacks(config, run.path if main else None), checkpoints]
         if distributed.active():
-            check_world(config.batch_size)
             extra.append(Distributed(sync_batchnorm=config.sync_batchnorm))
         learn = build_learner(config, dls, extra, progress=progress and main, quiet=quiet)
         state = None

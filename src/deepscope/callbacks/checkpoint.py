@@ -7,7 +7,7 @@ from pathlib import Path
 from .. import distributed
 from ..callback import Callback, CancelFitException
 from ..checkpoint import BEST, checksum_path, encode, step_name, sweep_temporary, write_bytes
-from ..errors import ConfigError, check_number, request_stop, stop_requested, stops_at_boundaries
+from ..errors import ConfigError, agree_stop, check_number, request_stop, stop_requested, stops_at_boundaries
 from ..weights import load_weights, save_weights
 from .metrics import MetricsCallback
 
@@ -249,8 +249,9 @@ class Checkpoint(_Monitor):
         if not distributed.active():
             return asked is not None
         signum = distributed.any_rank(asked or 0)
-        if signum and asked is None:
+        if signum:
             request_stop(signum)
+            agree_stop()
         return bool(signum)
 
     def cleanup_fit(self, learn) -> None:

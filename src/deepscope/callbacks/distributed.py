@@ -1,6 +1,7 @@
 """Train a Learner with DistributedDataParallel across the processes torchrun started (deepscope.distributed)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .. import distributed
@@ -82,14 +83,22 @@ class Distributed(Callback):
         rank, world = distributed.rank(), distributed.world_size()
         self._model = learn.model
         if self.sync_batchnorm and next(learn.model.parameters()).device.type != "cuda":
-            raise ConfigError("SyncBatchNorm runs on CUDA GPUs only (torch's implementation); on the CPU train "
-                              "without BatchNorm, or with GroupNorm or LayerNorm (--norm group, --norm layer)")
+            raise everywhere(ConfigError("SyncBatchNorm runs on CUDA GPUs only (torch's implementation); on the CPU "
+                                         "train without BatchNorm, or with GroupNorm or LayerNorm (--norm group, "
+                                         "--norm layer)"))
         if self.sync_batchnorm:  # same Parameters and buffers: the optimizer keeps them, the model is put back
             learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
         for dl, even in ((learn.dls.train, True), (learn.dls.valid, False)):
             if isinstance(dl, TensorBatches):
                 self._sharded.append(dl.shard(rank, world, even=even))
         learn.iters_per_epoch = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else None
+        train = learn.dls.train
+        if not isinstance(train, TensorBatches) and not hasattr(getattr(train, "sampler", None), "set_epoch") \
+                and distributed.is_main():
+            print("deepscope: warning: the training data is not TensorBatches and has no DistributedSampler, so "
+                  "every process may train on the same items; shard it (torch.utils.data.DistributedSampler)")
+        if rank:  # each rank its own stream for dropout and other random layers; rank 0 keeps its own
+            torch.manual_seed(torch.initial_seed() + rank)
         self._warn_small_batchnorm(learn, world)
         device = next(learn.model.parameters()).device
         self.ddp = nn.parallel.DistributedDataParallel(
@@ -108,6 +117,11 @@ class Distributed(Callback):
                   f"{bs // world} items per process ({bs} over {world}): its batch statistics will be noisy; use "
                   f"SyncBatchNorm (--sync-batchnorm) or a larger batch")
 
+    def before_epoch(self, learn) -> None:
+        sampler = getattr(learn.dls.train, "sampler", None)
+        if self.ddp is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(learn.epoch)  # a DistributedSampler draws each epoch's order from the epoch number
+
     def cleanup_fit(self, learn) -> None:
         if self._saved_step is not None:
             learn.train_step, self._saved_step = self._saved_step, None
@@ -117,8 +131,16 @@ class Distributed(Callback):
 
 
 def check_world(batch_size: int) -> None:
-    """ConfigError before any data is read when the batch does not split over the processes."""
+    """ConfigError before any data is read when the batch does not split over the processes (every rank
+    raises it; rank 0 alone prints it)."""
     world = distributed.world_size()
     if world > 1 and batch_size % world:
-        raise ConfigError(f"the batch size {batch_size} does not split evenly over {world} processes; use a "
-                          f"multiple of {world} (it is the global batch, shared by the processes)")
+        raise everywhere(ConfigError(f"the batch size {batch_size} does not split evenly over {world} processes; "
+                                     f"use a multiple of {world} (it is the global batch, shared by the processes)"))
+
+
+def everywhere(error: Exception) -> Exception:
+    """Mark an error that every rank meets alike, so that only rank 0 prints it (deepscope.cli)."""
+    if not distributed.is_main():
+        error.told_by_rank0 = True
+    return error

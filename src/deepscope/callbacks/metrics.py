@@ -109,15 +109,23 @@ class MetricsCallback(Callback):
         """The epoch records so far and this epoch's running training loss and training metrics. (The
         validation side is always empty where a checkpoint is taken: in or after the training pass of an
         epoch that has not validated, or at an epoch's end, after which the next epoch starts afresh.)"""
+        from .. import distributed
+
         loss = self.loss["train"]
-        return {"history": [dict(r) for r in self.history],
-                "train_loss": {"total": loss.total, "count": loss.count},
-                "train_metrics": {name: {"state": {k: v for k, v in m.metric_state.items()},
-                                         "update_count": m._update_count}
-                                  for name, m in self._train.items()}}
+        own = {"train_loss": {"total": loss.total, "count": loss.count},
+               "train_metrics": {name: {"state": {k: v for k, v in m.metric_state.items()},
+                                        "update_count": m._update_count}
+                                 for name, m in self._train.items()}}
+        # under DDP each rank's running sums cover its own share: kept per rank (a collective)
+        by_rank = distributed.gather_objects(own) if distributed.active() else [own]
+        return {"history": [dict(r) for r in self.history], "by_rank": by_rank}
 
     def load_state_dict(self, state: dict) -> None:
+        from .. import distributed
+
         self.history = [dict(r) for r in state["history"]]
+        state = state["by_rank"][distributed.rank()] if len(state["by_rank"]) == distributed.world_size() else \
+            state["by_rank"][0]
         loss = self.loss["train"]
         loss.total, loss.count = state["train_loss"]["total"], state["train_loss"]["count"]
         self._resumed_train = state["train_metrics"] or None  # put into the metrics once they exist

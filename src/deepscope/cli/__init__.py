@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     from .. import distributed
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if distributed.active():
+            distributed.barrier()  # every rank is done before any leaves the group (a rank leaving early aborts the rest)
+        return code
     except KeyboardInterrupt as e:
         clear_pending_interrupt()
         term = isinstance(e, Interrupted) and e.signum == signal.SIGTERM
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        distributed.shutdown()
+        if sys.exc_info()[0] is None:  # after an error, other ranks may be inside a collective: just exit
+            distributed.shutdown()
 
 
 def _outcome(e: BaseException) -> None:

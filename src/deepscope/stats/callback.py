@@ -59,8 +59,8 @@ class ActivationStats(Callback):
             self.recorder.remove()
 
     def cleanup_fit(self, learn) -> None:
-        if self.recorder is not None:
-            self.recorder.close()
+        if self.recorder is not None:  # no cross-rank collective while an error unwinds (other ranks are elsewhere)
+            self.recorder.close(synchronized=learn.error is None)
 
     def before_batch(self, learn) -> None:
         if learn.training:
@@ -85,7 +85,7 @@ class ActivationStats(Callback):
         self.recorder.end_step()
 
     def cleanup_epoch(self, learn) -> None:
-        self.recorder.flush()
+        self.recorder.flush(synchronized=learn.error is None)
 
     def state_dict(self) -> dict | None:
         """The statistics history and the sampler's streams (StatsRecorder.state_dict), for a checkpoint."""

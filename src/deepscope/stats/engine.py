@@ -341,10 +341,10 @@ class StatsRecorder:
                 self._sample.drop_last()
         self._hooks, self._row = [], None
 
-    def close(self) -> None:
-        """Remove the hooks and move everything recorded into the history."""
+    def close(self, synchronized: bool = True) -> None:
+        """Remove the hooks and move everything recorded into the history (see `flush` for `synchronized`)."""
         self.remove()
-        self.flush()
+        self.flush(synchronized)
 
     # --- per step --------------------------------------------------------------------------------------
     @property
