@@ -152,6 +152,11 @@ def _weights_close(a: Path, b: Path, tol=1e-5) -> None:
         assert (wa[k] - wb[k]).abs().max() <= tol, k
 
 
+def _same_metrics(a: Path, b: Path) -> None:
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "timing")} for r in rows]
+    assert strip(json.loads((a / "metrics.json").read_text())) == strip(json.loads((b / "metrics.json").read_text()))
+
+
 def test_torchrun_deepscope_train_writes_one_run_as_a_single_process_would(data, ddp_run, tmp_path):
     root, out, done = ddp_run
     assert done.stdout.count("done in") == 1  # rank 0 speaks for the job
@@ -184,6 +189,7 @@ def test_a_killed_torchrun_job_resumes(data, ddp_run, tmp_path):
     resumed = _run([*_torchrun(), *_train_args(data, out)[:3], "--resume", str(out), "--quiet"], timeout=200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _weights_close(reference, out, tol=0)  # the same job, bit for bit
+    _same_metrics(reference, out)  # each rank's running sums were resumed, not rank 0's on both
 
 
 def test_two_nodes_meet_through_a_c10d_rendezvous(data, ddp_run, tmp_path):
@@ -250,3 +256,4 @@ def test_sigterm_stops_every_rank_at_the_same_boundary(data, ddp_run, tmp_path):
     resumed = _run([*_torchrun(), *_train_args(data, out)[:3], "--resume", str(out), "--quiet"], timeout=200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _weights_close(reference, out, tol=0)
+    _same_metrics(reference, out)

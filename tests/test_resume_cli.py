@@ -96,7 +96,7 @@ def test_sigterm_stops_at_a_batch_boundary_keeps_a_report_and_says_how_to_resume
     assert proc.returncode == 143, stderr
     partial = out.with_name("run.partial")
     assert f"Resume it with: deepscope train --resume {out}" in stderr
-    assert "stopping after this batch" in stderr and "Traceback" not in stderr
+    assert "stopping at the next batch boundary" in stderr and "Traceback" not in stderr
     for name in ("report.html", "metrics.json", "recorder.json", "stats.npz", "config.json"):
         assert (partial / name).is_file(), name
     stopped = json.loads((partial / "config.json").read_text())["options"]["stopped_at_step"]
