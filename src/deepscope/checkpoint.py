@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .runfolder import fsync_dir
 
 FORMAT = 1  # version of the layout below
 META_KEY = "deepscope.checkpoint"
@@ -174,30 +175,22 @@ def decode(data: bytes, name: str = "checkpoint", map_location=None) -> dict:
 
 
 # --- files ----------------------------------------------------------------------------------------------
+def _write_synced(path: Path, data: bytes) -> None:
+    """`data` into `path`, on the disk before this returns."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_bytes(path: str | Path, data: bytes) -> str:
@@ -207,10 +200,7 @@ def write_bytes(path: str | Path, data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, data)
         _write_atomic(checksum_path(path), f"{digest}  {path.name}\n".encode())
         os.replace(tmp, path)
     except OSError as e:
@@ -221,7 +211,7 @@ def write_bytes(path: str | Path, data: bytes) -> str:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return digest
 
 

@@ -384,7 +384,7 @@ class RunFolder:
         raise_pending_interrupt()
         files = [f for f in _files_under(self.path) if f not in (MARKER, LOCK)]
         self._write_marker(self.path, state="complete", files=files)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         old = self.final.exists() and not _is_empty_dir(self.final)
         if old:
             # Checked again now: the old run may have changed while this one trained. The new run is never
@@ -416,7 +416,7 @@ class RunFolder:
             os.rename(self.path, self.final)
             self.finished = True
             self.outcome = f"wrote {self.final}"
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
         return self.final
 
     def abandon(self) -> None:
@@ -578,7 +578,8 @@ def check_out(out: str | Path, overwrite: bool) -> Path:
 
 
 # --- files ----------------------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (best effort: some filesystems refuse to sync a folder)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
