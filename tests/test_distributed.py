@@ -30,9 +30,9 @@ from deepscope.data.loaders import DataLoaders, TensorBatches
 out, fail_at = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
-x = torch.randn(320, 12, generator=g)
+x = torch.randn(321, 12, generator=g)
 y = (x[:, 0] + x[:, 1] > 0).long()
-x[:, -1] = torch.arange(320).float()  # the item's id, to see which items each rank took; the model ignores it
+x[:, -1] = torch.arange(321).float()  # the item's id, to see which items each rank took; the model ignores it
 
 class Net(nn.Module):
     def __init__(self):
@@ -54,10 +54,11 @@ class Seen(ds.Callback):
 
 torch.manual_seed(1)
 dls = DataLoaders(TensorBatches(x[:256], y[:256], 32, shuffle=True, generator=torch.Generator().manual_seed(2)),
-                  TensorBatches(x[256:], y[256:], 40), n_classes=2)
+                  TensorBatches(x[256:], y[256:], 32), n_classes=2)  # 65 items: batches of 32, 32, 1 (rank 1 skips it)
 seen = Seen()
 learn = ds.Learner(Net(), dls, lr=1e-2, cbs=[MetricsCallback(), Recorder(), OneCycle(1e-2), seen,
-                   ds.ActivationStats(subsample=None), Checkpoint(out + "/ckpt", every=5, monitor=None),
+                   ds.ActivationStats(subsample=None, valid=True, flush_every=2),  # blocks fill mid-validation
+                   Checkpoint(out + "/ckpt", every=5, monitor=None),
                    Distributed()])
 learn.fit(3)
 json.dump(seen.items, open(f"{out}/seen{distributed.rank()}.json", "w"))
@@ -66,7 +67,9 @@ if distributed.is_main():
     save_checkpoint(f"{out}/result.safetensors", {
         "model": learn.model.state_dict(), "history": learn.get_cb(MetricsCallback).history,
         "losses": learn.get_cb(Recorder).losses,
-        **{k: getattr(s, k) for k in ("steps", "act_mean", "act_std", "act_dead", "act_hist", "grad_norm")}})
+        **{k: getattr(s, k) for k in ("steps", "act_mean", "act_std", "act_dead", "act_hist", "grad_norm")},
+        **s.valid})
+    json.dump({"observations": s.observations, "structure": s.structure}, open(f"{out}/stats.json", "w"))
 '''
 
 
@@ -106,6 +109,25 @@ def test_two_processes_train_like_one(tmp_path):
     assert np.allclose(a["losses"], b["losses"], atol=1e-6)
     for key in ("act_mean", "act_std", "act_dead", "act_hist", "grad_norm"):
         assert np.allclose(a[key], b[key], rtol=1e-4, atol=1e-6, equal_nan=True), key
+    # validation statistics: combined across ranks at the end of each pass, row i of every rank being its share of
+    # batch i; rank 1 has no item in the last batch (65 = 32 + 32 + 1) and adds an empty row, no collective hangs
+    assert list(a["valid_steps"]) == [8] * 3 + [16] * 3 + [24] * 3 and len(b["valid_steps"]) == 9
+    for key in ("valid_steps", "valid_weights", "valid_act_mean", "valid_act_std", "valid_act_min", "valid_act_max",
+                "valid_act_dead", "valid_act_hist"):
+        assert np.allclose(a[key], b[key], rtol=1e-4, atol=1e-6, equal_nan=True), key
+    # the loop's observations and the structure describe the whole batch, not rank 0's share
+    sa, sb = (json.loads((d / "stats.json").read_text()) for d in (single, ddp))
+    oa, ob = sa["observations"], sb["observations"]
+    assert ob["label_batches"] == oa["label_batches"] == 24 and ob["batch_sizes"] == oa["batch_sizes"] == [32] * 24
+    for key in ("batch_classes", "class_counts", "targets_seen", "updates"):
+        assert ob[key] == oa[key], key
+    assert np.allclose(ob["batch_label_means"], oa["batch_label_means"], atol=2e-5)
+    assert sb["structure"]["input_std"] == pytest.approx(sa["structure"]["input_std"], rel=1e-4)
+    ca, cb = sa["structure"]["census"]["modules"], sb["structure"]["census"]["modules"]
+    assert ca.keys() == cb.keys() and ca
+    for name in ca:
+        for key in ("dead", "first_dead", "units", "steps", "censuses"):
+            assert cb[name][key] == pytest.approx(ca[name][key], abs=1e-6), (name, key)
     # the ranks saw disjoint halves of each epoch, together the single process's items
     r0, r1, one_proc = (json.loads((d / f).read_text()) for d, f in ((ddp, "seen0.json"), (ddp, "seen1.json"),
                                                                       (single, "seen0.json")))
@@ -169,6 +191,18 @@ def test_torchrun_deepscope_train_writes_one_run_as_a_single_process_would(data,
     for ra, rb in zip(ma, mb):
         assert ra["valid_accuracy"] == rb["valid_accuracy"]
         assert ra["valid_loss"] == pytest.approx(rb["valid_loss"], abs=1e-5)
+    _same_observations(single, out)
+
+
+def _same_observations(a: Path, b: Path) -> None:
+    """stats.npz's observations of the loop describe the global batches (sizes, classes, class counts)."""
+    from deepscope.stats import load_stats
+
+    oa, ob = (load_stats(d / "stats.npz").observations for d in (a, b))
+    assert oa["label_batches"] == ob["label_batches"] == 48 and set(ob["batch_sizes"]) == {32}
+    means = "batch_label_means"
+    assert {k: v for k, v in oa.items() if k != means} == {k: v for k, v in ob.items() if k != means}
+    assert np.allclose(oa[means], ob[means], atol=2e-5)
 
 
 def test_a_killed_torchrun_job_resumes(data, ddp_run, tmp_path):
@@ -190,6 +224,7 @@ def test_a_killed_torchrun_job_resumes(data, ddp_run, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _weights_close(reference, out, tol=0)  # the same job, bit for bit
     _same_metrics(reference, out)  # each rank's running sums were resumed, not rank 0's on both
+    _same_observations(reference, out)  # the combined observations, resumed
 
 
 def test_two_nodes_meet_through_a_c10d_rendezvous(data, ddp_run, tmp_path):
@@ -257,3 +292,76 @@ def test_sigterm_stops_every_rank_at_the_same_boundary(data, ddp_run, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _weights_close(reference, out, tol=0)
     _same_metrics(reference, out)
+
+
+def test_batchnorm_is_judged_on_the_batch_each_process_sees():
+    """One definition of a BatchNorm batch too small (diagnosis's check, BN_SMALL_BATCH), judged per process: the
+    finding under DDP, and the warning the Distributed callback prints from it. In-process: world sizes as given."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from deepscope.callbacks.distributed import batchnorm_warning
+    from deepscope.data.loaders import TensorBatches
+    from deepscope.diagnose.preflight import last_batch_size, process_batch_size
+    from deepscope.diagnose.records import SetupRecord
+    from deepscope.diagnose.setup_checks import analyse_setup, check_batchnorm_batch
+    from deepscope.diagnose.thresholds import BN_SMALL_BATCH
+
+    assert check_batchnorm_batch(["bn"], BN_SMALL_BATCH, BN_SMALL_BATCH, world_size=2) == []
+    (f,) = check_batchnorm_batch(["bn"], 4, 4, world_size=2)
+    assert f.severity == "warning" and "4 samples per process (8 over 2 processes" in f.message
+    assert {k: f.evidence[k] for k in ("batch_size", "last_batch_size", "per_process_batch_size",
+                                       "global_batch_size", "world_size", "sync_batchnorm")} == \
+        {"batch_size": 4, "last_batch_size": 4, "per_process_batch_size": 4, "global_batch_size": 8, "world_size": 2,
+         "sync_batchnorm": False}
+    # SyncBatchNorm normalises over the global batch: 4 per process over 2 is 8, not small; 2 over 2 is
+    assert check_batchnorm_batch(["bn"], 4, 4, world_size=2, synced=["bn"]) == []
+    (f,) = check_batchnorm_batch(["bn"], 2, 2, world_size=2, synced=["bn"])
+    assert f.evidence["batch_size"] == 4 and "per process" not in f.message and "SyncBatchNorm" in f.message
+    # one layer left unsynchronised (deepscope's BatchNorm is not converted) sees its process's share
+    (f,) = check_batchnorm_batch(["a", "b"], 4, 4, world_size=2, synced=["a"])
+    assert f.module == "b" and "per process" in f.message
+    # the pre-flight record under DDP: the per-process batch, and this process's share of the last batch
+    x, y = torch.randn(98, 3), torch.zeros(98, dtype=torch.long)
+    assert last_batch_size(TensorBatches(x, y, 16)) == 2
+    sharded = TensorBatches(x, y, 16).shard(1, 2, even=True)
+    assert (process_batch_size(sharded), last_batch_size(sharded)) == (8, 1)
+    (f,) = analyse_setup(SetupRecord(batchnorms=["bn"], batch_size=8, last_batch_size=1, world_size=2))
+    assert f.kind == "batchnorm_small_batch" and f.severity == "error" and "1 sample per process" in f.message
+    # the callback's warning is that finding, on the per-process batch: 8 over 2 processes is 4 each...
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    warning = batchnorm_warning(model, TensorBatches(x[:96], y[:96], 8).shard(0, 2, even=True), 2)
+    assert warning.startswith("deepscope: warning: BatchNorm") and "4 samples per process (8 over 2" in warning
+    assert batchnorm_warning(model, TensorBatches(x[:96], y[:96], 16).shard(0, 2, even=True), 2) is None
+    assert batchnorm_warning(nn.Linear(3, 4), TensorBatches(x[:96], y[:96], 8).shard(0, 2, even=True), 2) is None
+    # ...while a DataLoader's batch_size is already per process (a DistributedSampler shares out the items)
+    data = TensorDataset(x[:96], y[:96])
+    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    assert (process_batch_size(loader), last_batch_size(loader)) == (8, 8)
+    assert batchnorm_warning(model, loader, 2) is None
+
+
+def test_the_distributed_callback_prints_the_batchnorm_warning_once_on_rank_0(monkeypatch, capsys):
+    import torch
+    from torch import nn
+
+    import deepscope as ds
+    from deepscope import distributed
+    from deepscope.callbacks import Distributed
+    from deepscope.data.loaders import DataLoaders, TensorBatches
+
+    monkeypatch.setattr(distributed, "init", lambda timeout_s: True)  # as if torchrun had started 2 processes
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda model, **kwargs: model)
+    x, y = torch.randn(64, 3), torch.zeros(64, dtype=torch.long)
+    for rank, printed in ((1, 0), (0, 1)):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        cb = Distributed()
+        learn = ds.Learner(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)),
+                           DataLoaders(TensorBatches(x, y, 8), TensorBatches(x, y, 8)))
+        with torch.random.fork_rng():
+            for _ in range(2):  # two fits (an LR sweep, then the fit): one warning
+                cb.before_fit(learn)
+                cb.cleanup_fit(learn)
+        assert capsys.readouterr().out.count("4 samples per process (8 over 2 processes") == printed

@@ -55,6 +55,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # step checkpoints kept (the best epoch's is kept besides)
     report: bool = True  # write report.html at the end (`deepscope report RUN` writes it later)
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over the whole global batch (SyncBatchNorm)
+    compile: str | None = None  # torch.compile backend for the forward pass (inductor, aot_eager, ...); None: eager
     out: str | None = None  # run folder; None makes runs/train-YYYYmmdd-HHMMSS
 
     def __post_init__(self) -> None:
@@ -112,6 +113,10 @@ class TrainConfig:
         if self.threads is not None and self.threads > cores:
             raise ConfigError(f"threads must be at most {cores}, the CPU cores this process may use, got {self.threads} "
                               f"(more threads than cores only makes them wait for each other)")
+        if self.compile is not None:
+            from .callbacks.training import check_compile_backend
+
+            check_compile_backend(self.compile)
         from .callbacks.device import check_device
 
         if self.device != "auto":

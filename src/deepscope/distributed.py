@@ -32,6 +32,14 @@ def launched() -> bool:
         return False
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun announced it (RANK), before or without a process group; 0 alone."""
+    try:
+        return int(os.environ.get("RANK", "0")) if launched() else 0
+    except ValueError:
+        return 0
+
+
 def active() -> bool:
     """Whether a process group of more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -98,6 +106,15 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                                     "max": dist.ReduceOp.MAX}[op])
     return tensor
+
+
+def rank_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of every rank's `tensor` (a new tensor; `tensor` itself in a single process), e.g.
+    of each rank's loss over its share of the batch, which is the loss of the whole batch when the shares are
+    equal. Every rank must call it at the same point."""
+    if not active():
+        return tensor
+    return all_reduce_(tensor.detach().clone(), "sum") / world_size()
 
 
 _control = []  # the CPU (gloo) process group for small host-side agreements, made once when first needed

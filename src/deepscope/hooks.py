@@ -15,6 +15,7 @@ per output, with a one-element `grad_output`.
 from __future__ import annotations
 
 import fnmatch
+import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -94,6 +95,50 @@ def select_modules(model: nn.Module, *, types: type | tuple[type, ...] | None = 
     return chosen
 
 
+def opaque(fn: HookFn) -> HookFn:
+    """`fn`, run as plain Python even when the model runs under `torch.compile`. TorchDynamo would otherwise
+    trace into a hook and cut the graph wherever the hook does something it cannot capture (a read-back, a
+    timer, a list append). Kept out, the hook cuts the graph once, at the module it watches, and sees the
+    real tensors, so what it records is what eager records. Every hook deepscope puts on a model goes
+    through this. The wrapper costs ~2 us a call, and only where TorchDynamo is loaded already (a compile
+    happened or is coming): importing it takes seconds, so a process that never compiles never pays either.
+    A hook registered before TorchDynamo loads is traced like user code instead: slower to compile, same
+    numbers."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return fn
+    compiled_code_sees_hooks()
+    return torch.compiler.disable(fn)
+
+
+def compiled_code_sees_hooks() -> None:
+    """Make torch.compile's code notice hooks added to or removed from a module after it was compiled.
+
+    TorchDynamo by default does not guard on a module's hooks (`torch._dynamo.config.
+    skip_nnmodule_hook_guards`, documented as unsafe): code compiled while a module had no hooks keeps
+    running without the hooks added later, so statistics would silently stay empty. This turns the guard
+    on for the process (a module whose hooks change is then recompiled) and, once, throws away code
+    compiled before (`torch._dynamo.reset()`: it is compiled again when next called)."""
+    import torch._dynamo as dynamo
+
+    if dynamo.config.skip_nnmodule_hook_guards:
+        dynamo.config.skip_nnmodule_hook_guards = False
+        if dynamo.utils.counters["frames"]["ok"]:  # something was compiled without the guard
+            dynamo.reset()
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's module inside torch.compile's OptimizedModule and (Distributed)DataParallel wrappers, so
+    that its modules are named without the wrappers' `_orig_mod.` and `module.` prefixes."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def floating_tensors(output: Any) -> list[torch.Tensor]:
     """The floating-point tensors in a module output: a tensor, or tuples/lists/dicts of them, nested."""
     if isinstance(output, torch.Tensor):
@@ -117,7 +162,7 @@ class Hook:
         self.module, self.fn, self.kind, self.name = module, fn, kind, name
         self.removed = False
         on_output = self._forward if kind == "forward" else self._watch_gradients
-        self._handle = module.register_forward_hook(on_output)
+        self._handle = module.register_forward_hook(opaque(on_output))
 
     def _forward(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         self.fn(self, module, inputs, output)

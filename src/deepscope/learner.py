@@ -52,10 +52,18 @@ class TrainStep:
     """The five pieces of one optimisation step. Subclass and override one piece (or assign an instance to
     `learn.train_step`, e.g. from a callback's `before_fit`) to change it without copying the loop. A step
     honours the Learner's contract: one that scales the loss sets `learn.loss_scale` in `get_loss`, and
-    unscales the gradients and sets `learn.skip_step` in `backward` (see MixedPrecisionStep)."""
+    unscales the gradients and sets `learn.skip_step` in `backward` (see MixedPrecisionStep). A step that
+    wraps another derives from `WrappedStep`."""
+
+    def forward_module(self, learn: "Learner") -> nn.Module:
+        """What the forward pass calls: `learn.model` itself. A wrapping step may return a wrapper of what its
+        inner step returns (DistributedDataParallel in training, torch.compile's module), so the wrappers
+        compose: DDP inside torch.compile inside autocast."""
+        return learn.model
 
     def predict(self, learn: "Learner") -> None:
-        learn.preds = learn.model(learn.xb)
+        # the outermost step says which module runs (learn.train_step is the whole chain of wrappers)
+        learn.preds = learn.train_step.forward_module(learn)(learn.xb)
 
     def get_loss(self, learn: "Learner") -> None:
         learn.loss = learn.loss_func(learn.preds, learn.yb)
@@ -75,6 +83,58 @@ class TrainStep:
 
     def load_state_dict(self, state: dict) -> None:
         """Put back what `state_dict` returned."""
+
+
+class WrappedStep(TrainStep):
+    """A TrainStep around another (`inner`): every piece, its state and the module the forward pass calls
+    are the inner step's unless a subclass overrides them (MixedPrecisionStep, DistributedStep,
+    CompiledStep). A callback installs one with `wrap` and takes it out with `unwrap` at cleanup_fit."""
+
+    def __init__(self, inner: TrainStep):
+        self.inner = inner
+
+    @classmethod
+    def wrap(cls, learn: "Learner", *args, **kwargs) -> "WrappedStep":
+        """Wrap `learn.train_step` in a new step of this class (built with `args`, `kwargs`); returns it."""
+        learn.train_step = step = cls(learn.train_step, *args, **kwargs)
+        return step
+
+    def unwrap(self, learn: "Learner") -> None:
+        """Take this step out of `learn.train_step`'s chain wherever it is now: callbacks clean up in their
+        order, not in the reverse of the order they wrapped, so another wrapper may sit outside it."""
+        if learn.train_step is self:
+            learn.train_step = self.inner
+            return
+        step = learn.train_step
+        while isinstance(step, WrappedStep):
+            if step.inner is self:
+                step.inner = self.inner
+                return
+            step = step.inner
+
+    def forward_module(self, learn: "Learner") -> nn.Module:
+        return self.inner.forward_module(learn)
+
+    def predict(self, learn: "Learner") -> None:
+        self.inner.predict(learn)
+
+    def get_loss(self, learn: "Learner") -> None:
+        self.inner.get_loss(learn)
+
+    def backward(self, learn: "Learner") -> None:
+        self.inner.backward(learn)
+
+    def step(self, learn: "Learner") -> None:
+        self.inner.step(learn)
+
+    def zero_grad(self, learn: "Learner") -> None:
+        self.inner.zero_grad(learn)
+
+    def state_dict(self) -> dict | None:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
 
 
 class LoopText(str):

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .callback import Callback, CancelFitException
 from .errors import ConfigError
 from .learner import data_length
@@ -200,7 +201,10 @@ class LRFinder(Callback):
     def after_batch(self, learn) -> None:
         if not learn.training:
             return
-        raw = float(learn.loss.detach())  # one host sync per step: the stop test needs the value now
+        # one host sync per step: the stop test needs the value now. Under DistributedDataParallel each rank's
+        # loss is over its share of the batch: every rank decides on their mean (the whole batch's loss), so
+        # all stop at the same step (one rank stopping alone would leave the others waiting in a collective).
+        raw = float(distributed.rank_mean(learn.loss.detach()))
         if not math.isfinite(raw):
             raise CancelFitException()
         self._avg = self.smooth * self._avg + (1 - self.smooth) * raw
@@ -246,7 +250,9 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
             div_factor: float = DIVERGENCE_FACTOR, smooth: float = SMOOTHING) -> LRFindResult:
     """Sweep the lr exponentially from `start_lr` to `end_lr` over `num_it` training batches (training
     passes only) and suggest learning rates. Model, optimizer, lr and random state are restored after.
-    Callbacks whose `in_lr_sweep` is False are left out of the sweep; `learn.lr_sweep` is True during it."""
+    Callbacks whose `in_lr_sweep` is False are left out of the sweep; `learn.lr_sweep` is True during it.
+    With the `Distributed` callback under torchrun the sweep trains with DDP on the global batch, and every
+    rank records, and stops on, the mean of the ranks' losses: the result is the same on every rank."""
     _check_args(start_lr, end_lr, num_it, div_factor, smooth)
     finder = LRFinder(start_lr, end_lr, num_it, stop_div=stop_div, div_factor=div_factor, smooth=smooth)
     model_state = copy.deepcopy(learn.model.state_dict())

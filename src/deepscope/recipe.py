@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .callbacks import (
-    Checkpoint, CosineSchedule, DeviceCallback, EarlyStopping, GradClip, LimitBatches, MetricsCallback,
+    Checkpoint, Compile, CosineSchedule, DeviceCallback, EarlyStopping, GradClip, LimitBatches, MetricsCallback,
     MixedPrecision, OneCycle, PhaseTimer, ProgressCallback, Recorder,
 )
 from .checkpoint import latest_checkpoint, load_checkpoint
@@ -18,8 +18,8 @@ from .config import TrainConfig
 from .data import DataLoaders, image_dls
 from .diagnose import Diagnose, moved_paths, save_findings
 from . import distributed
-from .callbacks.distributed import Distributed, check_world
-from .errors import CheckpointError, ConfigError, OutputError
+from .callbacks.distributed import Distributed, check_world, met_alike
+from .errors import CheckpointError, ConfigError
 from .init import init_model, lsuv_
 from .learner import Learner
 from .models import get_model
@@ -27,7 +27,7 @@ from .norms import NORM_KINDS
 from .optim import OPTIMIZERS
 from .runfolder import (
     CHECKPOINTS, CHECKS, EXPORT, FINDINGS, METRICS, RECORDER, REPORT, STATS, WEIGHTS, RunFolder, environment, has_checkpoints,
-    read_config,
+    read_config, shared_run,
 )
 from .seed import set_seed
 from .stats import ActivationStats
@@ -119,7 +119,7 @@ def build_learner(config: TrainConfig, dls: DataLoaders, extra_cbs=(), progress:
         device_name = str(distributed.device())  # each process its own GPU (torchrun's LOCAL_RANK), or the CPU
     device = DeviceCallback(device_name, channels_last=True)
     cbs = [device, MetricsCallback(), Recorder(), PhaseTimer(), *schedule_callbacks(config), *step_callbacks(config),
-           *extra_cbs]
+           *([Compile(config.compile)] if config.compile else []), *extra_cbs]
     if progress:
         cbs.append(ProgressCallback(bars=False, plot=False) if quiet else ProgressCallback())
     if config.limit_batches:
@@ -183,27 +183,13 @@ def no_checkpoint_message(folder: Path) -> str:
 
 def _shared_run(config: TrainConfig | None, overwrite: bool, resume) -> tuple:
     """Under torchrun: rank 0 prepares (or reopens) the run folder, and every rank learns its path, the
-    config and the checkpoint to resume from; an error on rank 0 is raised on every rank (and printed by
-    rank 0 only, deepscope.cli)."""
-    from .runfolder import FollowerRun
+    config and the checkpoint to resume from (runfolder.shared_run); an error on rank 0 is raised on every
+    rank (and printed by rank 0 only, deepscope.cli)."""
+    def open_run():
+        run, opened, checkpoint = _open_run(config, overwrite, resume)
+        return run, (opened.to_dict(), str(checkpoint) if checkpoint else None)
 
-    shared, run, error = None, None, None
-    if distributed.is_main():
-        try:
-            run, config, checkpoint = _open_run(config, overwrite, resume)
-            shared = (str(run.path), str(run.final), config.to_dict(), str(checkpoint) if checkpoint else None)
-        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
-            error = e
-    shared, message = distributed.broadcast_object((shared, f"{type(error).__name__}: {error}" if error else None))
-    if error is not None:
-        raise error
-    if message is not None:
-        error = OutputError(f"rank 0 could not start the run ({message})")
-        error.told_by_rank0 = True
-        raise error
-    path, final, config_dict, checkpoint = shared
-    if run is None:
-        run = FollowerRun(Path(path), Path(final))
+    run, (config_dict, checkpoint) = shared_run(open_run)
     return run, TrainConfig.from_dict(config_dict), Path(checkpoint) if checkpoint else None
 
 
@@ -319,7 +305,8 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
         if config.threads:
             torch.set_num_threads(config.threads)
         set_seed(config.seed)
-        dls = image_dls(config.dataset, config.data_dir, config.batch_size, seed=config.seed, verify=config.verify)
+        with met_alike():  # every rank reads the same files: rank 0 alone says what is wrong with them
+            dls = image_dls(config.dataset, config.data_dir, config.batch_size, seed=config.seed, verify=config.verify)
         checkpoints = Checkpoint(run.path / CHECKPOINTS, every=config.checkpoint_every,
                                  keep_last=config.keep_checkpoints, monitor="valid_loss",
                                  extra={"config": config.to_dict()})

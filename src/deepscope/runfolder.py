@@ -510,6 +510,36 @@ class FollowerRun:
         pass
 
 
+def shared_run(open_run: Callable[[], tuple]) -> tuple:
+    """The run folder of a job of one process or of several (torchrun, deepscope.distributed), and a value
+    its opener computed. `open_run()` prepares (or reopens) the folder and returns (RunFolder, value), the
+    value picklable (e.g. the config as a dict). In a single process it is simply called. Under torchrun
+    (the process group is joined here) rank 0 alone calls it, and every other rank gets a FollowerRun of the
+    same paths, which writes nothing, and rank 0's value. An error on rank 0 is raised on every rank, and
+    printed by rank 0 alone (deepscope.cli)."""
+    from . import distributed
+
+    if not distributed.launched():
+        return open_run()
+    distributed.init()
+    shared, run, value, error = None, None, None, None
+    if distributed.is_main():
+        try:
+            run, value = open_run()
+            shared = (str(run.path), str(run.final), value)
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+            error = e
+    shared, message = distributed.broadcast_object((shared, f"{type(error).__name__}: {error}" if error else None))
+    if error is not None:
+        raise error
+    if message is not None:
+        error = OutputError(f"rank 0 could not start the run ({message})")
+        error.told_by_rank0 = True
+        raise error
+    path, final, value = shared
+    return (run if run is not None else FollowerRun(Path(path), Path(final))), value
+
+
 def _attach_outcome(exc: BaseException, outcome: str) -> None:
     """Let the CLI say what happened to the run folder when it reports the error."""
     exc.run_folder_outcome = outcome  # read by deepscope.cli.main

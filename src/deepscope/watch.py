@@ -27,6 +27,7 @@ from torch import nn
 
 from .adapter import LossLog, analysis_of, write_report
 from .errors import ConfigError
+from .hooks import opaque
 from .stats.engine import SAMPLE_SIZE, ModuleSpec, StatsRecorder
 from .stats.format import Stats
 
@@ -74,9 +75,9 @@ class Watch:
         try:
             # the model's own call opens the step before anything inside it runs
             # (prepended: it runs before the engine's own look at the model's input, which needs the step open)
-            self._handles.append(self.model.register_forward_pre_hook(lambda m, inputs: self._begin_step(m),
+            self._handles.append(self.model.register_forward_pre_hook(opaque(lambda m, inputs: self._begin_step(m)),
                                                                       prepend=True))
-            self._handles.append(self.model.register_forward_hook(self._after_forward))
+            self._handles.append(self.model.register_forward_hook(opaque(self._after_forward)))
             if self.optimizer is not None:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._before_update))
                 self._handles.append(self.optimizer.register_step_post_hook(self._after_update))

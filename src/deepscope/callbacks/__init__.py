@@ -6,14 +6,14 @@ from .progress import ProgressCallback
 from .recorder import Recorder
 from .checkpoint import Checkpoint, EarlyStopping, SaveBest
 from .distributed import Distributed
-from .training import GradClip, MixedPrecision, MixedPrecisionStep
+from .training import Compile, CompiledStep, GradClip, MixedPrecision, MixedPrecisionStep
 from .schedule import CosineSchedule, OneCycle, ParamScheduler, combine_scheds, sched_cos, sched_lin
 from .timing import PhaseTimer
 
 __all__ = ["DeviceCallback", "default_device", "to_device", "LimitBatches", "SingleBatch", "MetricsCallback",
            "ProgressCallback", "Recorder", "CosineSchedule", "OneCycle", "ParamScheduler", "combine_scheds",
            "sched_cos", "sched_lin", "default_callbacks", "Checkpoint", "Distributed", "EarlyStopping", "SaveBest", "GradClip", "MixedPrecision",
-           "MixedPrecisionStep", "PhaseTimer"]
+           "MixedPrecisionStep", "Compile", "CompiledStep", "PhaseTimer"]
 
 
 def default_callbacks(device: str = "auto", progress: bool = True) -> list:

@@ -1,6 +1,8 @@
 """Train a Learner with DistributedDataParallel across the processes torchrun started (deepscope.distributed)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -8,40 +10,20 @@ from .. import distributed
 from ..callback import Callback
 from ..data.loaders import TensorBatches
 from ..errors import ConfigError
-from ..learner import TrainStep
+from ..learner import TrainStep, WrappedStep
 
 
-class DistributedStep(TrainStep):
+class DistributedStep(WrappedStep):
     """The training forward pass goes through the DistributedDataParallel wrapper (which averages the
     gradients across ranks during backward); validation calls the model itself, so a rank's validation
     batches need no other rank. The rest is the step it wraps."""
 
     def __init__(self, inner: TrainStep, ddp: nn.Module):
-        self.inner, self.ddp = inner, ddp
+        super().__init__(inner)
+        self.ddp = ddp
 
-    def predict(self, learn) -> None:
-        if learn.training:
-            learn.preds = self.ddp(learn.xb)
-        else:
-            self.inner.predict(learn)
-
-    def get_loss(self, learn) -> None:
-        self.inner.get_loss(learn)
-
-    def backward(self, learn) -> None:
-        self.inner.backward(learn)
-
-    def step(self, learn) -> None:
-        self.inner.step(learn)
-
-    def zero_grad(self, learn) -> None:
-        self.inner.zero_grad(learn)
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state) -> None:
-        self.inner.load_state_dict(state)
+    def forward_module(self, learn) -> nn.Module:
+        return self.ddp if learn.training else self.inner.forward_module(learn)
 
 
 class Distributed(Callback):
@@ -60,24 +42,27 @@ class Distributed(Callback):
     The model's parameters are broadcast from rank 0 when it is wrapped. The model and train_step are
     restored at cleanup_fit.
 
-    A BatchNorm layer that sees fewer than `min_bn_batch` items per rank, without SyncBatchNorm, is
-    reported once as a warning: small per-rank batches make BatchNorm's statistics noisy (Wu & Johnson
-    2021, "Rethinking 'Batch' in BatchNorm").
+    BatchNorm that normalises too few items is reported once, by rank 0, as a warning: the diagnosis's
+    own check (`batchnorm_small_batch`, deepscope.diagnose.setup_checks.check_batchnorm_batch) on the
+    batch each process's BatchNorm sees, its share of the global batch (the global batch with SyncBatchNorm).
+    Small per-process batches make BatchNorm's statistics noisy (Wu & Johnson 2021, "Rethinking 'Batch' in
+    BatchNorm").
     """
 
     order = -15  # after DeviceCallback (-20), before LimitBatches (-10) and everything that hooks the model
 
     def __init__(self, sync_batchnorm: bool = False, timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
-                 find_unused_parameters: bool = False, min_bn_batch: int = 16):
+                 find_unused_parameters: bool = False):
         self.sync_batchnorm, self.timeout_s = sync_batchnorm, timeout_s
-        self.find_unused_parameters, self.min_bn_batch = find_unused_parameters, min_bn_batch
+        self.find_unused_parameters = find_unused_parameters
+        self._warned = False  # the small-BatchNorm warning is printed once
         self.ddp = None
-        self._saved_step: TrainStep | None = None
+        self._step: DistributedStep | None = None
         self._sharded: list[TensorBatches] = []
         self._model: nn.Module | None = None
 
     def before_fit(self, learn) -> None:
-        self._saved_step, self._sharded, self._model = None, [], None
+        self._step, self._sharded, self._model = None, [], None
         if not distributed.init(timeout_s=self.timeout_s):
             return
         rank, world = distributed.rank(), distributed.world_size()
@@ -99,23 +84,16 @@ class Distributed(Callback):
                   "every process may train on the same items; shard it (torch.utils.data.DistributedSampler)")
         if rank:  # each rank its own stream for dropout and other random layers; rank 0 keeps its own
             torch.manual_seed(torch.initial_seed() + rank)
-        self._warn_small_batchnorm(learn, world)
+        if distributed.is_main() and not self._warned:
+            warning = batchnorm_warning(learn.model, learn.dls.train, world)
+            if warning:
+                print(warning)
+                self._warned = True
         device = next(learn.model.parameters()).device
         self.ddp = nn.parallel.DistributedDataParallel(
             learn.model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=self.find_unused_parameters)
-        self._saved_step = learn.train_step
-        learn.train_step = DistributedStep(learn.train_step, self.ddp)
-
-    def _warn_small_batchnorm(self, learn, world: int) -> None:
-        bs = getattr(learn.dls.train, "batch_size", None)
-        if self.sync_batchnorm or bs is None or not distributed.is_main():
-            return
-        bns = [n for n, m in learn.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if bns and bs // world < self.min_bn_batch:
-            print(f"deepscope: warning: BatchNorm ({', '.join(bns[:3])}{'...' if len(bns) > 3 else ''}) sees "
-                  f"{bs // world} items per process ({bs} over {world}): its batch statistics will be noisy; use "
-                  f"SyncBatchNorm (--sync-batchnorm) or a larger batch")
+        self._step = DistributedStep.wrap(learn, self.ddp)
 
     def before_epoch(self, learn) -> None:
         sampler = getattr(learn.dls.train, "sampler", None)
@@ -123,20 +101,47 @@ class Distributed(Callback):
             sampler.set_epoch(learn.epoch)  # a DistributedSampler draws each epoch's order from the epoch number
 
     def cleanup_fit(self, learn) -> None:
-        if self._saved_step is not None:
-            learn.train_step, self._saved_step = self._saved_step, None
+        if self._step is not None:
+            self._step.unwrap(learn)
+            self._step = None
         if self._model is not None:
             learn.model, self._model = self._model, None
         self.ddp = None
 
 
+def batchnorm_warning(model: nn.Module, train, world: int) -> str | None:
+    """The warning to print when `model`'s BatchNorm layers normalise too few items per process over `world`
+    processes, from the training data `train` (a sharded TensorBatches, or a DataLoader whose batch_size is
+    already per process): the finding of the diagnosis's check (`batchnorm_small_batch`), or None."""
+    from ..diagnose.preflight import is_batchnorm, last_batch_size, process_batch_size
+    from ..diagnose.setup_checks import check_batchnorm_batch
+
+    batch = process_batch_size(train)
+    if batch is None:
+        return None
+    bns = [n for n, m in model.named_modules() if is_batchnorm(m)]
+    synced = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    found = check_batchnorm_batch(bns, batch, last_batch_size(train), world_size=world, synced=synced)
+    return "\n".join(f"deepscope: warning: {f.message} {f.fix}" for f in found) or None
+
+
 def check_world(batch_size: int) -> None:
-    """ConfigError before any data is read when the batch does not split over the processes (every rank
-    raises it; rank 0 alone prints it)."""
-    world = distributed.world_size()
+    """ConfigError before any data is read when the batch does not split over the processes of the job
+    (joined or announced by torchrun; every rank raises it, rank 0 alone prints it)."""
+    world = distributed.planned_world_size()
     if world > 1 and batch_size % world:
         raise everywhere(ConfigError(f"the batch size {batch_size} does not split evenly over {world} processes; "
                                      f"use a multiple of {world} (it is the global batch, shared by the processes)"))
+
+
+@contextlib.contextmanager
+def met_alike():
+    """Errors raised inside are met alike by every rank (the same options, the same files: reading the data,
+    building the model), so rank 0 alone prints them."""
+    try:
+        yield
+    except Exception as e:
+        raise everywhere(e)
 
 
 def everywhere(error: Exception) -> Exception:

@@ -28,8 +28,7 @@ class Recorder(Callback):
         if learn.training:
             loss = learn.loss.detach()  # one value per step: an unreduced loss is recorded as its mean
             loss = loss.float().mean() if loss.numel() != 1 else loss.reshape(())
-            if distributed.active():  # every rank's loss is over its share of the batch: their mean is the batch's
-                loss = distributed.all_reduce_(loss.clone(), "sum") / distributed.world_size()
+            loss = distributed.rank_mean(loss)  # every rank's loss is over its share: their mean is the batch's
             self._pending.append(loss)
             group = learn.opt.param_groups[0]
             self.lrs.append(float(group["lr"]))

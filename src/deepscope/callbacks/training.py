@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from ..callback import Callback
-from ..errors import check_number
-from ..learner import TrainStep
+from ..errors import ConfigError, check_number
+from ..hooks import compiled_code_sees_hooks
+from ..learner import TrainStep, WrappedStep
 
 
 class GradClip(Callback):
@@ -42,7 +43,7 @@ class GradClip(Callback):
             self.norms.append(norm.detach())
 
 
-class MixedPrecisionStep(TrainStep):
+class MixedPrecisionStep(WrappedStep):
     """Forward and loss under autocast, the loss then cast to float32 (`learn.loss` is always the true loss).
 
     With float16, the loss is scaled so small gradients do not underflow (torch's GradScaler, the recipe of
@@ -55,7 +56,8 @@ class MixedPrecisionStep(TrainStep):
     """
 
     def __init__(self, inner: TrainStep, device_type: str, dtype: torch.dtype):
-        self.inner, self.device_type, self.dtype = inner, device_type, dtype
+        super().__init__(inner)
+        self.device_type, self.dtype = device_type, dtype
         self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
         self._unstepped = False  # gradients were unscaled and no step has used them yet
 
@@ -103,9 +105,6 @@ class MixedPrecisionStep(TrainStep):
         self.scaler.update()
         self._unstepped = False
 
-    def zero_grad(self, learn) -> None:
-        self.inner.zero_grad(learn)
-
     def state_dict(self) -> dict:
         """The loss scaler's scale and growth tracker (torch's GradScaler.state_dict), for a checkpoint."""
         return {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -128,14 +127,93 @@ class MixedPrecision(Callback):
 
     def __init__(self, dtype: torch.dtype | None = None):
         self.dtype = dtype
-        self._saved: TrainStep | None = None
+        self._step: MixedPrecisionStep | None = None
 
     def before_fit(self, learn) -> None:
         device_type = next(learn.model.parameters()).device.type
         dtype = self.dtype or (torch.float16 if device_type == "cuda" else torch.bfloat16)
-        self._saved = learn.train_step
-        learn.train_step = MixedPrecisionStep(self._saved, device_type, dtype)
+        self._step = MixedPrecisionStep.wrap(learn, device_type, dtype)
 
     def cleanup_fit(self, learn) -> None:
-        if self._saved is not None:
-            learn.train_step, self._saved = self._saved, None
+        if self._step is not None:
+            self._step.unwrap(learn)
+            self._step = None
+
+
+class CompiledStep(WrappedStep):
+    """The forward pass through `torch.compile` of whatever the inner step calls (the model, or its
+    DistributedDataParallel wrapper, which torch compiles bucket by bucket). The model itself stays
+    uncompiled in `learn.model`, so its module names, `state_dict` keys, hooks and checkpoints are those
+    of the eager model. A compiler that fails is a ConfigError that says where and why."""
+
+    def __init__(self, inner: TrainStep, **options):
+        super().__init__(inner)
+        self.options = options
+        self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(module) -> (module, its compiled form)
+
+    def forward_module(self, learn) -> nn.Module:
+        module = self.inner.forward_module(learn)
+        kept = self._compiled.get(id(module))
+        if kept is None or kept[0] is not module:
+            kept = self._compiled[id(module)] = (module, torch.compile(module, **self.options))
+        return kept[1]
+
+    def predict(self, learn) -> None:
+        try:
+            self.inner.predict(learn)
+        except Exception as e:  # noqa: BLE001 - only the compiler's own failures are turned into advice
+            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            root = e
+            while getattr(root, "inner_exception", None) or root.__cause__:
+                root = getattr(root, "inner_exception", None) or root.__cause__
+            reason = (str(root).strip().splitlines() or [""])[0] or type(root).__name__
+            backend = self.options.get("backend", "inductor")
+            where = f"training step {learn.train_iter}" if learn.training else f"validation of epoch {learn.epoch}"
+            raise ConfigError(f"torch.compile (backend {getattr(backend, '__name__', backend)!r}) could not compile "
+                              f"the forward pass at {where}: {type(root).__name__}: {reason}; train without "
+                              f"compiling (drop --compile), or try --compile aot_eager to see whether the model "
+                              f"traces at all") from e
+
+
+class Compile(Callback):
+    """Run the forward pass (training and validation) through `torch.compile` (PyTorch 2's graph compiler:
+    TorchDynamo captures the graph, a backend such as Inductor generates fused kernels). `backend` and
+    `mode` are torch.compile's (`torch._dynamo.list_backends()`; mode None, "reduce-overhead" (CUDA graphs)
+    or "max-autotune"); `options` go to torch.compile as they are.
+
+    The model stays eager in `learn.model` (CompiledStep): names, `state_dict` keys, checkpoints and
+    exports are unchanged, and the first batch pays the compilation (seconds to a minute; the phase timer
+    counts it as forward time). deepscope's hooks run outside the compiled graph (`hooks.opaque`), so with
+    statistics on the graph is cut at each watched module and the statistics are exactly eager's; with
+    `--no-stats` the forward is one graph. It takes part in the LR finder's sweep. Raises ConfigError for an
+    unknown backend or a Python that TorchDynamo does not support (when made), or a compiler that fails."""
+
+    order = -14  # after Distributed (-15), so the DistributedDataParallel wrapper is what gets compiled
+
+    def __init__(self, backend: str = "inductor", mode: str | None = None, **options):
+        check_compile_backend(backend)
+        self.backend, self.mode, self.options = backend, mode, options
+        self._step: CompiledStep | None = None
+
+    def before_fit(self, learn) -> None:
+        compiled_code_sees_hooks()  # hooks added in a later fit (statistics, a replay) must not be skipped
+        self._step = CompiledStep.wrap(learn, backend=self.backend, mode=self.mode, **self.options)
+
+    def cleanup_fit(self, learn) -> None:
+        if self._step is not None:
+            self._step.unwrap(learn)
+            self._step = None
+
+
+def check_compile_backend(backend) -> None:
+    """ConfigError unless torch.compile can run `backend` (a registered name, or a callable backend) here."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(f"torch.compile is not supported with this Python and torch ({torch.__version__}); "
+                          f"train without compiling")
+    if not callable(backend) and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"unknown torch.compile backend {backend!r}; choose one of "
+                          f"{sorted({*torch._dynamo.list_backends(), 'aot_eager', 'eager'})} (inductor generates "
+                          f"kernels; aot_eager and eager only trace, to test that a model compiles)")

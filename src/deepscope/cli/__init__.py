@@ -3,6 +3,7 @@ which registers the sub-command and sets `func(args) -> int` as its handler."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
@@ -12,6 +13,7 @@ import threading
 
 from ..cpu_memory import keep_freed_memory
 from ..errors import DeepscopeError, Interrupted, clear_pending_interrupt, request_interrupt
+from .options import EVERY_RANK, RANK0_WAITED
 
 # Module names under deepscope.cli, in the order `deepscope --help` lists them.
 SUBCOMMANDS = ("train", "report", "compare", "runs", "export", "doctor", "lr_find", "ablate", "bench")
@@ -76,8 +78,65 @@ def _message(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .. import distributed
+
+    # Under torchrun with several processes (distributed.launched), only rank 0 speaks: argparse's errors and
+    # --help too. How the command itself runs there is its parser's `ddp` (options.EVERY_RANK, RANK0_WAITED);
+    # a command that sets none is a single-process command, which rank 0 alone runs.
+    follower = distributed.launched_rank() != 0
+    with _silenced(follower):
+        args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # which options were given (train --resume)
+    ddp = getattr(args, "ddp", None) if distributed.launched() else EVERY_RANK
+    if ddp is None:
+        if follower:
+            return 0
+        others = distributed.planned_world_size() - 1
+        print(f"deepscope {args.command}: a single-process command; under torchrun rank 0 runs it and the other "
+              f"{others} process{'es' if others != 1 else ''} exit{'s' if others == 1 else ''} at once", file=sys.stderr)
+    if ddp == RANK0_WAITED and follower:
+        return _rank0s_code(None)
+    try:
+        code = _run(args)
+    except Exception:
+        if ddp == RANK0_WAITED:
+            _rank0s_code(1)  # the others exit too, before the traceback is printed here
+        raise
+    return _rank0s_code(code) if ddp == RANK0_WAITED else code
+
+
+@contextlib.contextmanager
+def _silenced(quiet: bool):
+    """Nothing printed inside, when `quiet`."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
+
+
+# How long the other processes wait for a RANK0_WAITED command of rank 0 (torchrun stops them at once if rank 0
+# dies): a day.
+RANK0_WAIT_S = 24 * 3600
+
+
+def _rank0s_code(code: int | None) -> int:
+    """Rank 0's exit code, on every process of a torchrun job: rank 0 passes it once its command is done; the
+    others, called at once, wait for it in a process group joined only now (on the host: gloo), so that rank
+    0's command ran as a single process."""
+    from .. import distributed
+
+    distributed.init(backend="gloo", timeout_s=RANK0_WAIT_S)
+    try:
+        return int(distributed.broadcast_object(code))
+    finally:
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; a user's error becomes one message on stderr and exit code 2."""
+    from .. import distributed
+
     keep_freed_memory()  # a deepscope process trains: stop the per-step page faults (cpu_memory.py)
     name = f"deepscope {args.command}"
     # SIGTERM stops the run the way Ctrl-C does, so the run folder is finished or abandoned cleanly.
@@ -85,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     stops = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, _raise_interrupted) for s in stops} if on_main else {}
     clear_pending_interrupt()
-    from .. import distributed
-
     try:
         code = int(args.func(args) or 0)
         if distributed.active():

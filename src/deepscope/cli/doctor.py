@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from .options import positive_int
+from .options import RANK0_WAITED, positive_int
 from .train import add_config_arguments, config_from_args
 
 
@@ -35,19 +35,24 @@ def add_parser(subparsers) -> None:
                     "loss inputs, init, normalisation, batch size), then train a copy for a few steps with hooks on "
                     "every module and report NaNs, dead units, exploding or collapsing activations, saturation, "
                     "missing gradients and learning-rate trouble. Writes findings.json into --out "
-                    "(default runs/doctor-<date>-<time>). Exits 0 even when it finds problems.",
+                    "(default runs/doctor-<date>-<time>). Exits 0 even when it finds problems. Under `torchrun "
+                    "--nproc-per-node N -m deepscope doctor` it runs once, in rank 0, on the global --batch-size "
+                    "(the step DistributedDataParallel takes), and says what each of the N processes of the DDP job "
+                    "would take per step; the other processes wait for it and exit with its exit code.",
     )
     add_config_arguments(p, run_prefix="doctor")
     p.add_argument("--steps", type=positive_int, default=DOCTOR_STEPS,
                    help="training steps of the instrumented run (default: %(default)s: a learning rate that "
                         "diverges after a few dozen steps, and a loss stuck at chance, need that many to show)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, ddp=RANK0_WAITED)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from .. import distributed
     from ..callbacks.device import default_device
+    from ..callbacks.distributed import check_world
     from ..data import image_dls
     from ..diagnose import diagnose_run, moved_paths, save_findings
     from ..diagnose.finding import format_summary
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from ..seed import set_seed
 
     config = config_from_args(args)
+    world = distributed.planned_world_size()  # > 1 under torchrun, where this is rank 0 (deepscope.cli.main)
+    check_world(config.batch_size)
     with RunFolder.prepare(config.out, "doctor", overwrite=args.overwrite) as run:
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -76,4 +83,9 @@ def run(args: argparse.Namespace) -> int:
         run_dir = run.finish()
     print(format_summary(findings, analysis.summary(), str(run_dir / FINDINGS), info=True), end="")
     print(f"findings written to {run_dir / FINDINGS}")
+    if world > 1:
+        share = config.batch_size // world
+        bn = f"; BatchNorm would normalise over those {share} unless `train --sync-batchnorm`" if config.norm == "batch" else ""
+        print(f"doctor ran in one process (rank 0 of {world}) on the global batch of {config.batch_size}, the step "
+              f"DDP takes; each of the {world} processes of the DDP job would take {share} items per step{bn}")
     return 0

@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 
+# How a sub-command runs under `torchrun` with several processes: its parser's `ddp` default, read by
+# deepscope.cli.main (the one place that applies it). A command that sets none is a single-process command:
+# rank 0 runs it, the other processes exit 0 at once, doing and printing nothing.
+EVERY_RANK = "every rank"  # DDP-aware (train, lr-find): every process runs it; rank 0 writes and prints
+RANK0_WAITED = "rank 0, waited for"  # rank 0 alone runs it; the others wait for it and exit with its code
+
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: optimisers hold hyper-parameters as float32
 
 

@@ -5,7 +5,9 @@ import argparse
 
 from ..config import PRECISIONS, TrainConfig
 from ..errors import ConfigError
-from .options import device_name, non_negative_float, non_negative_int, positive_float, positive_int, thread_count
+from .options import (
+    EVERY_RANK, device_name, non_negative_float, non_negative_int, positive_float, positive_int, thread_count,
+)
 
 DEFAULTS = TrainConfig()
 
@@ -99,6 +101,11 @@ def add_parser(subparsers) -> None:
     long.add_argument("--sync-batchnorm", action="store_true",
                       help="under torchrun: BatchNorm layers take their statistics over the whole global batch "
                            "(torch's SyncBatchNorm) instead of each process's share")
+    long.add_argument("--compile", nargs="?", const="inductor", default=d.compile, metavar="BACKEND",
+                      help="run the forward pass through torch.compile (BACKEND: inductor when not given; "
+                           "aot_eager only traces, to check that the model compiles). The first batch pays the "
+                           "compilation; statistics hooks run outside the compiled graph, which is cut at each "
+                           "watched module (--no-stats keeps it whole)")
     long.add_argument("--resume", metavar="RUN_DIR",
                       help="continue an interrupted or killed run from its last checkpoint, with the settings it "
                            "started with (RUN_DIR is its --out, with or without .partial); bit for bit on the CPU")
@@ -106,7 +113,7 @@ def add_parser(subparsers) -> None:
                    help="do not write report.html (it takes a few seconds per layer); `deepscope report RUN_DIR` "
                         "writes it later")
     p.add_argument("--quiet", action="store_true", help="no progress bars (the per-epoch table is still printed)")
-    p.set_defaults(func=run, parser=p)
+    p.set_defaults(func=run, parser=p, ddp=EVERY_RANK)
 
 
 # Options that may go with --resume: they change how the run is shown, not what it computes.

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..hooks import opaque
+
 
 class FullBackwardHooks:
     """`fn(module, grad_input, grad_output)` hooks removed together; a context manager, `remove()` idempotent."""
@@ -20,7 +22,7 @@ class FullBackwardHooks:
         self._handles: list = []
 
     def add(self, module: nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_full_backward_hook(fn))
+        self._handles.append(module.register_full_backward_hook(opaque(fn)))
 
     def remove(self) -> None:
         while self._handles:

@@ -17,7 +17,7 @@ from .replay import locate_nonfinite
 
 # The events an ActivationStats or Recorder that Diagnose owns (the learner has none) receives from it.
 _FORWARDED = ("before_fit", "before_batch", "after_loss", "after_backward", "after_step", "cleanup_batch",
-              "after_epoch", "cleanup_epoch", "cleanup_fit")
+              "cleanup_validate", "after_epoch", "cleanup_epoch", "cleanup_fit")
 
 
 class Diagnose(Callback):
@@ -127,6 +127,9 @@ class Diagnose(Callback):
 
     def cleanup_batch(self, learn) -> None:
         self._forward("cleanup_batch", learn)
+
+    def cleanup_validate(self, learn) -> None:
+        self._forward("cleanup_validate", learn)
 
     def after_epoch(self, learn) -> None:
         self._forward("after_epoch", learn)

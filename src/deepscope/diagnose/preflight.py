@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from .. import distributed
 from ..hooks import Hooks, select_modules
 from ..norms import BatchNorm
 from .records import LayerWeight, SetupRecord
@@ -65,18 +66,43 @@ def layer_weights(model: nn.Module) -> list[LayerWeight]:
 
 
 def last_batch_size(data) -> int | None:
-    """The size of the last batch of an epoch, for deepscope's TensorBatches and torch DataLoaders."""
+    """The size of the last batch of an epoch that this process takes, for deepscope's TensorBatches (its share
+    of the last global batch once sharded for DistributedDataParallel) and torch DataLoaders (from its
+    sampler: a DistributedSampler's share of the items)."""
     bs = getattr(data, "batch_size", None)
     if not isinstance(bs, int) or getattr(data, "drop_last", False):
         return None
     source = getattr(data, "x", None)
     if source is None:
-        source = getattr(data, "dataset", None)
+        sampler = getattr(data, "sampler", None)
+        source = sampler if hasattr(sampler, "__len__") else getattr(data, "dataset", None)
     try:
         n = len(source)
     except TypeError:
         return None
-    return n % bs or (bs if n else None)
+    last = n % bs or (bs if n else None)
+    world, rank = _shard_of(data)
+    if world > 1 and last:
+        if getattr(data, "even", False) and last % world:
+            last = bs  # a last global batch that does not split evenly is dropped (TensorBatches.shard)
+        last = len(range(rank, last, world)) or len(range(rank, bs, world))  # nothing left for it: it skips it
+    return last
+
+
+def process_batch_size(data) -> int | None:
+    """The size of the batches this process takes from `data`: a sharded TensorBatches' share of each global
+    batch; a DataLoader's own batch_size (per process under DDP: a DistributedSampler shares out the items)."""
+    bs = getattr(data, "batch_size", None)
+    if not isinstance(bs, int):
+        return None
+    world, rank = _shard_of(data)
+    return len(range(rank, bs, world)) if world > 1 else bs
+
+
+def _shard_of(data) -> tuple[int, int]:
+    """(world size, rank) of a TensorBatches sharded for DistributedDataParallel; (1, 0) for other data."""
+    world, rank = getattr(data, "world_size", 1), getattr(data, "rank", 0)
+    return (world, rank) if isinstance(world, int) and isinstance(rank, int) and world > 1 else (1, 0)
 
 
 class SoftmaxAxes(TorchFunctionMode):
@@ -106,6 +132,8 @@ def inspect_setup(model: nn.Module, x, y, loss_func, data=None) -> SetupRecord:
     rec = SetupRecord(loss_kind=loss_kind(loss_func), batch_size=len(x) if hasattr(x, "__len__") else 0,
                       last_batch_size=last_batch_size(data), weights=layer_weights(model))
     rec.batchnorms = [n for n, m in model.named_modules() if is_batchnorm(m) and m.training]
+    rec.world_size = distributed.world_size()
+    rec.sync_batchnorms = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm) and m.training]
     _describe_inputs(rec, x, y)
     was_training = model.training
     last: list = []  # [name, output] of the last leaf module to finish: the one that made the model's output

@@ -18,7 +18,7 @@ class LayerWeight:
 class SetupRecord:
     """The model, one batch and the loss before training (recorded by preflight.inspect_setup)."""
     loss_kind: str | None = None  # "cross_entropy", "nll", "mse", "l1", "bce", "bce_logits" or None
-    batch_size: int = 0
+    batch_size: int = 0  # of the first batch (one process's share of it under DistributedDataParallel)
     last_batch_size: int | None = None  # the size of the epoch's last (partial) batch, when it can be known
     x_float: bool = True
     x_mean: float = 0.0
@@ -43,5 +43,9 @@ class SetupRecord:
     loss_pairs: str | None = None
     weights: list[LayerWeight] = field(default_factory=list)  # in registration order
     batchnorms: list[str] = field(default_factory=list)  # BatchNorm modules in training mode
+    # under DistributedDataParallel: the processes (batch_size is one process's share), and which of the
+    # batchnorms are SyncBatchNorm (statistics over the global batch)
+    world_size: int = 1
+    sync_batchnorms: list[str] = field(default_factory=list)
     error: dict | None = None  # {"where", "type", "message"} when the forward pass or the loss raised
     loss_softmax_over_batch: str | None = None  # "softmax"/"log_softmax" taken over dim 0 inside the loss

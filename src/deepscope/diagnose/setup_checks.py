@@ -236,26 +236,50 @@ def check_symmetric_init(weights: list[LayerWeight], grad_nonzero: dict[str, boo
 
 
 def check_batchnorm_batch(batchnorms: list[str], batch_size: int, last_batch_size: int | None = None,
-                          seen_sizes: list[int] = ()) -> list[Finding]:
-    """BatchNorm trained on batches too small for stable statistics; a batch of 1 is an error."""
+                          seen_sizes: list[int] = (), *, world_size: int = 1, synced: list[str] = ()) -> list[Finding]:
+    """BatchNorm trained on batches too small for stable statistics; a batch of 1 is an error.
+
+    The sizes are one process's batches. Under DistributedDataParallel (`world_size` > 1) a BatchNorm layer
+    normalises each process's share of the global batch alone, so the share is judged and the message says
+    so ("4 per process (8 over 2 processes)"); layers named in `synced` (SyncBatchNorm) compute their
+    statistics over the global batch, the share times `world_size`, and are judged on that when every
+    BatchNorm layer is one. The one definition of "too small" (BN_SMALL_BATCH), shared by diagnosis and
+    the warning of the Distributed callback."""
     if not batchnorms or batch_size <= 0:
         return []
-    evidence = {"batch_size": batch_size, "last_batch_size": last_batch_size, "batchnorm_modules": batchnorms[:10]}
-    smallest = min([batch_size, *seen_sizes, *([last_batch_size] if last_batch_size else [])])
-    fix = ("Use batches of at least {0} (gradient accumulation if memory is short), or GroupNorm/LayerNorm, "
-           "which do not depend on the batch.").format(BN_SMALL_BATCH)
+    world = max(1, int(world_size))
+    local = [b for b in batchnorms if b not in set(synced)] if world > 1 else list(batchnorms)
+    scale = 1 if local else world  # every one synchronised: their statistics are over the global batch
+    modules = local or list(batchnorms)
+    batch, last = batch_size * scale, last_batch_size * scale if last_batch_size else last_batch_size
+    evidence = {"batch_size": batch, "last_batch_size": last, "batchnorm_modules": modules[:10]}
+    if world > 1:
+        evidence.update(per_process_batch_size=batch_size, global_batch_size=batch_size * world, world_size=world,
+                        sync_batchnorm=not local)
+    smallest = min([batch, *(s * scale for s in seen_sizes), *([last] if last else [])])
+    per = " per process" if scale < world else ""
+    over = (f" ({batch_size * world} over {world} processes, and each process's BatchNorm normalises its own "
+            f"share)" if per else f" (SyncBatchNorm, over {world} processes)" if world > 1 else "")
+    if per:
+        fix = ("Use SyncBatchNorm (deepscope train --sync-batchnorm; CUDA only), whose statistics cover the "
+               "global batch, per-process batches of at least {0}, or GroupNorm/LayerNorm, which do not depend "
+               "on the batch.").format(BN_SMALL_BATCH)
+    else:
+        fix = ("Use batches of at least {0} (gradient accumulation if memory is short), or GroupNorm/LayerNorm, "
+               "which do not depend on the batch.").format(BN_SMALL_BATCH)
     if smallest == 1:
-        where = ("the batches hold 1 sample" if batch_size == 1 else
-                 "the last batch of each epoch holds 1 sample")
-        return [Finding("batchnorm_small_batch", batchnorms[0], "error",
-                        f"BatchNorm ({len(batchnorms)} modules) trains with batch statistics but {where}: its "
+        where = (f"the batches hold 1 sample{per}{over}" if batch == 1 else
+                 f"the last batch of each epoch holds 1 sample{per}")
+        return [Finding("batchnorm_small_batch", modules[0], "error",
+                        f"BatchNorm ({len(modules)} modules) trains with batch statistics but {where}: its "
                         "variance over the batch is 0 (BatchNorm1d raises, BatchNorm2d normalises each image alone).",
-                        fix if batch_size == 1 else "Drop the last incomplete batch (drop_last=True) or change the "
-                        "batch size so it does not leave 1 sample.", evidence)]
-    if batch_size < BN_SMALL_BATCH:
-        return [Finding("batchnorm_small_batch", batchnorms[0], "warning",
-                        f"BatchNorm ({len(batchnorms)} modules) normalises with statistics of only {batch_size} samples "
-                        f"(fewer than {BN_SMALL_BATCH}), which are too noisy for stable training.", fix, evidence)]
+                        fix if batch == 1 else "Drop the last incomplete batch (drop_last=True) or change the "
+                        f"batch size so it does not leave 1 sample{per}.", evidence)]
+    if batch < BN_SMALL_BATCH:
+        return [Finding("batchnorm_small_batch", modules[0], "warning",
+                        f"BatchNorm ({len(modules)} modules) normalises with statistics of only {batch} samples{per}"
+                        f"{over}, fewer than {BN_SMALL_BATCH}, which are too noisy for stable training.", fix,
+                        evidence)]
     return []
 
 
@@ -278,5 +302,6 @@ def analyse_setup(rec: SetupRecord, seen_sizes: list[int] = (), grad_nonzero: di
     findings += check_targets(rec) + check_loss_shapes(rec) + check_softmax_dim(rec) + check_loss_input(rec)
     # (NaN in the data: the probe)
     findings += check_symmetric_init(rec.weights, grad_nonzero)
-    findings += check_batchnorm_batch(rec.batchnorms, rec.batch_size, rec.last_batch_size, list(seen_sizes))
+    findings += check_batchnorm_batch(rec.batchnorms, rec.batch_size, rec.last_batch_size, list(seen_sizes),
+                                      world_size=rec.world_size, synced=rec.sync_batchnorms)
     return findings + check_inputs(rec)

@@ -84,6 +84,12 @@ class ActivationStats(Callback):
     def cleanup_batch(self, learn) -> None:
         self.recorder.end_step()
 
+    def cleanup_validate(self, learn) -> None:
+        # a point every rank reaches whatever its number of validation batches: under DDP the validation
+        # rows are combined across ranks here (StatsRecorder.flush)
+        if self.recorder is not None:
+            self.recorder.flush(synchronized=learn.error is None)
+
     def cleanup_epoch(self, learn) -> None:
         self.recorder.flush(synchronized=learn.error is None)
 

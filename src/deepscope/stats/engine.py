@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import dead
+from .. import dead, distributed
 from ..errors import ConfigError
-from ..hooks import Hooks, floating_tensors, select_modules
+from ..hooks import Hooks, floating_tensors, opaque, select_modules, unwrapped
 from .collect import activation_stats, gather_values, gradient_stats
 from .format import Stats, save_stats
 from .loop import LoopObserver
@@ -161,7 +161,8 @@ class StatsRecorder:
                  flush_every: int = 64, census_every: int = CENSUS_EVERY, who: str = "StatsRecorder"):
         check_options(who, every=every, hist_bins=hist_bins, hist_range=hist_range, subsample=subsample,
                       recent=recent, max_rows=max_rows, flush_every=flush_every)
-        self.model, self.modules_spec, self.every, self.who = model, modules, every, who
+        # a compiled or DDP-wrapped model is recorded by the names of the module inside it
+        self.model, self.modules_spec, self.every, self.who = unwrapped(model), modules, every, who
         self.dead_threshold, self.hist_bins = float(dead_threshold), hist_bins
         self.hist_range = (float(hist_range[0]), float(hist_range[1]))
         self.subsample, self.recent, self.max_rows, self.flush_every = subsample, recent, max_rows, flush_every
@@ -192,6 +193,10 @@ class StatsRecorder:
         self._sample: SampleBlock | None = None
         self._split = "train"
         self._scaled_rows = False          # rows hold gradients multiplied by a loss scale
+        # Under DistributedDataParallel: full blocks of validation rows kept aside (raw, DeviceRows.take) until
+        # every rank reaches a synchronized flush, since ranks may run different numbers of validation batches
+        self._held: list[tuple] = []
+        self._input_moments: torch.Tensor | None = None  # [n, sum, sum of squares] of this rank's first input
         # Called with the module before a watched module's output is recorded: an adapter that finds step
         # boundaries from the forward pass itself (watch) opens the step here.
         self.before_forward: Callable[[nn.Module], None] | None = None
@@ -222,6 +227,7 @@ class StatsRecorder:
         # the big kernels of a training step, whatever its size.
         self._block_steps = min(8, self.flush_every, max(1, (16 << 20) // (2 * M * (self.subsample or 1) * 4)))
         self._pending, self._block_start, self._row = 0, ("train", 0), None
+        self._held, self._input_moments = [], None
         self._called = [False] * M          # ran in a recorded step (see module_notes)
         self._no_float: dict[int, str] = {}  # module -> dtype of an output with no floating-point tensor
         self._tracker = ParamTracker(self.model, steps=self._block_steps)
@@ -244,7 +250,7 @@ class StatsRecorder:
         # is watched by a tensor hook that _on_forward registers when the step is recorded (hooks.py says
         # why tensor hooks), so steps that are not recorded cost one Python call per module.
         self._hooks = [Hooks(chosen, self._on_forward)]
-        self._input_handle = self.model.register_forward_pre_hook(self._on_model_input)
+        self._input_handle = self.model.register_forward_pre_hook(opaque(self._on_model_input))
         self._invisible, self._discovery_tries = None, 0  # found again in the first recorded training step
         self._loop = LoopObserver(self.model)
         self._loop.attach()
@@ -275,6 +281,12 @@ class StatsRecorder:
                 x = floating_tensors(inputs)
                 if x and x[0].numel() > 1:
                     self._input_std = x[0].detach().float().std()  # kept on the device until read
+                if distributed.active():  # this rank's share of the batch: combined into the whole's std at flush
+                    device = self._first_bad_input.device
+                    v = x[0].detach().to(device, torch.float64).flatten() if x else \
+                        torch.zeros(0, dtype=torch.float64, device=device)
+                    self._input_moments = torch.stack([torch.full((), float(v.numel()), dtype=torch.float64,
+                                                                  device=device), v.sum(), v.square().sum()])
             for t in tensors:
                 if maker(t) is None:
                     self._produced[id(t)] = (weakref.ref(t), name)
@@ -443,6 +455,8 @@ class StatsRecorder:
         u["steps"] = (u["steps"] + [step])[-CENSUS_WINDOW:]
         if u["n"] == CENSUS_WINDOW:                              # the first full window: kept as evidence
             u["first"] = (self._verdict(u), list(u["steps"]))
+            if distributed.active():  # this rank's share: judged again on every rank's at the next flush
+                u["first_ring"] = u["ring"].clone()
 
     @staticmethod
     def _verdict(u: dict) -> torch.Tensor:
@@ -562,7 +576,12 @@ class StatsRecorder:
         self._row = None
         rows = self._rows[self._split]
         rows.finish_row()
-        if rows.full:
+        if rows.full and self._split == "valid" and distributed.active():
+            # not a point every rank reaches (ranks may run different numbers of validation batches): no
+            # collective here; the rows wait, uncombined, for the next synchronized flush
+            self._summarise()
+            self._held.append(rows.take())
+        elif rows.full:
             self.flush()
 
     @host_timed
@@ -588,15 +607,16 @@ class StatsRecorder:
     def flush(self, synchronized: bool = True) -> None:
         """Move the filled device rows into the host history (one read-back per split).
 
-        Under DistributedDataParallel (deepscope.distributed) the training rows are first combined across
-        ranks, a collective: that happens only where every rank flushes at the same point (`synchronized`:
-        a full block, an epoch's end, close, a checkpoint). A flush asked for at any other time (reading
-        `stats()` for a plot) leaves the rows for the next synchronized one; the validation rows (ranks may
-        run different numbers of validation batches) stay each rank's own."""
+        Under DistributedDataParallel (deepscope.distributed) the rows are first combined across ranks, a
+        collective: that happens only where every rank flushes at the same point (`synchronized`: a full
+        block of training rows, the end of a validation pass, an epoch's end, close, a checkpoint). A flush
+        asked for at any other time (reading `stats()` for a plot) leaves the rows for the next synchronized
+        one. Validation rows are combined row by row in batch order (row i of every rank: its share of
+        global batch i); a rank that ran fewer validation batches (nothing left for it in the last one)
+        adds empty rows. The census, the model's first input, the first step with a non-finite input and
+        the loop's class-target observations are combined at the same points."""
         if self._row is not None:
             return  # a step is being filled: its rows are read back once it ends
-        from .. import distributed
-
         combine = distributed.active()
         if combine and not synchronized:
             return
@@ -609,6 +629,10 @@ class StatsRecorder:
         if combine:
             self._rows["train"].combine_across_ranks(distributed.world_size())
             self._combine_census()
+            self._combine_inputs()
+            if self._loop is not None:
+                self._loop.combine_across_ranks()
+            self._combine_valid()
         for split, rows in self._rows.items():
             if rows.n:
                 steps, fields = rows.read()
@@ -616,12 +640,57 @@ class StatsRecorder:
                 store.append(steps, {k: fields[k] for k in store.rules})
 
     def _combine_census(self) -> None:
-        """The per-unit on-shares of every rank's censuses, averaged (equal batches: the whole batch's)."""
-        from .. import distributed
-
+        """The per-unit on-shares of every rank's censuses, averaged (equal batches: the whole batch's); the
+        first full window's verdict, taken on this rank's share, is taken again on the average."""
         for i in sorted(self._units):
             u = self._units[i]
             distributed.all_reduce_(u["ring"], "sum").div_(distributed.world_size())
+            first = u.pop("first_ring", None)
+            if first is not None:
+                distributed.all_reduce_(first, "sum").div_(distributed.world_size())
+                u["first"] = (self._verdict({"ring": first, "n": CENSUS_WINDOW}), u["first"][1])
+
+    def _combine_inputs(self) -> None:
+        """The first step whose model input held NaN/Inf on any rank; the std of the whole first recorded
+        batch from every rank's share (once, after the look at the model found it)."""
+        first = self._first_bad_input
+        never = torch.iinfo(first.dtype).max
+        first = distributed.all_reduce_(torch.where(first < 0, torch.full_like(first, never), first), "min")
+        self._first_bad_input = torch.where(first == never, torch.full_like(first, -1), first)
+        if distributed.any_rank(int(self._input_moments is not None)):
+            m = self._input_moments
+            if m is None:
+                m = torch.zeros(3, dtype=torch.float64, device=first.device)
+            n, total, squares = distributed.all_reduce_(m, "sum").unbind()
+            var = (squares - total * total / n.clamp(min=1)) / (n - 1).clamp(min=1)
+            if float(n) > 1:
+                self._input_std = var.clamp(min=0).sqrt().float()
+            self._input_moments = None
+
+    def _combine_valid(self) -> None:
+        """Combine every rank's validation rows (held blocks, then the block being filled) row by row; a rank
+        with fewer rows adds empty ones (nothing measured). In blocks of the rows' capacity, into the history."""
+        rows, held = self._rows["valid"], self._held
+        total = distributed.any_rank(sum(len(h[3]) for h in held) + rows.n)
+        if not total:
+            return
+        self._held = []
+        if rows.n:
+            held.append(rows.take())
+        M2, width = 2 * len(self.modules), rows.buffer.shape[1]
+        pad = total - sum(len(h[3]) for h in held)
+        held.append((np.full((pad, width), np.nan, np.float32), np.zeros((pad, M2)), np.ones((pad, M2)),
+                     np.full(pad, -1, np.int64)))
+        buffer, numel, scale, steps = (np.concatenate(part) for part in zip(*held))
+        # a row's step is the training step its batch ran at; a rank without the batch takes it from the others
+        steps = distributed.all_reduce_(torch.as_tensor(steps, device=rows.buffer.device), "max").cpu().numpy()
+        store, capacity = self._stores["valid"], len(rows.steps)
+        for lo in range(0, total, capacity):
+            hi = min(lo + capacity, total)
+            rows.put(buffer[lo:hi], numel[lo:hi], scale[lo:hi], steps[lo:hi])
+            rows.combine_across_ranks(distributed.world_size())
+            got, fields = rows.read()
+            store.append(got, {k: fields[k] for k in store.rules})
 
     # --- results ---------------------------------------------------------------------------------------
     def _arrays(self, split: str) -> dict[str, np.ndarray]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
+
 # Class targets: the first 512 batches are observed (shuffling shows in the first dozens); labels are
 # counted modulo 1024 slots, so more classes than that share slots (counts stay consistent run-wide).
 LABEL_BATCHES = 512
@@ -43,6 +45,12 @@ class LoopObserver:
         self._labels = 0                          # batches of class indices observed
         self._label_rows = None                   # (LABEL_BATCHES, 3) device: classes, mean label, size
         self._class_counts = None                 # (LABEL_SLOTS,) device: labels seen per class slot
+        # Under DistributedDataParallel each rank observes its share of every batch: the rows from
+        # `_combined` on are this rank's (column 1 the label sum, not the mean), with the classes present in
+        # `_shared["presence"]` and the class counts in `_shared["counts"]`, until `combine_across_ranks` makes
+        # them the whole batch's (at the recorder's synchronized flushes); only combined rows are reported.
+        self._combined = 0
+        self._shared: dict | None = None
 
     def attach(self) -> None:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -110,6 +118,7 @@ class LoopObserver:
             if isinstance(value, torch.Tensor) and self._stale is not None:
                 value = value.to(self._stale.device)
             setattr(self, name, value)
+        self._combined, self._shared = self._labels, None  # a checkpoint holds combined rows only (taken at a flush)
 
     def after_update(self) -> None:
         self._first_backward = True
@@ -128,17 +137,53 @@ class LoopObserver:
             return
         if self._labels >= LABEL_BATCHES:
             return
-        if self._label_rows is None:
-            self._label_rows = torch.zeros(LABEL_BATCHES, 3, device=t.device)
-            self._class_counts = torch.zeros(LABEL_SLOTS, device=t.device)
+        self._label_buffers(t.device)
         t = t.to(self._class_counts.device).long()
         valid = (t >= 0).float()  # negative labels (ignore_index) are not classes
         counts = torch.zeros(LABEL_SLOTS, device=t.device).index_add_(0, t.clamp(min=0) % LABEL_SLOTS, valid)
         size = valid.sum()
+        shared = self._shared
+        total = (t * valid).sum()
         self._label_rows[self._labels] = torch.stack([(counts > 0).sum().float(),
-                                                      (t * valid).sum() / size.clamp(min=1), size])
-        self._class_counts += counts
+                                                      total if shared is not None else total / size.clamp(min=1), size])
+        if shared is not None:
+            shared["presence"][self._labels] = counts > 0
+            shared["counts"] += counts
+        else:
+            self._class_counts += counts
         self._labels += 1
+
+    def _label_buffers(self, device) -> None:
+        if self._label_rows is None:
+            self._label_rows = torch.zeros(LABEL_BATCHES, 3, device=device)
+            self._class_counts = torch.zeros(LABEL_SLOTS, device=device)
+        if self._shared is None and distributed.active():
+            device = self._class_counts.device
+            self._shared = {"presence": torch.zeros(LABEL_BATCHES, LABEL_SLOTS, dtype=torch.uint8, device=device),
+                            "counts": torch.zeros(LABEL_SLOTS, device=device)}
+
+    def combine_across_ranks(self) -> None:
+        """Under DistributedDataParallel, at a point every rank reaches: make the batches observed since the
+        last call describe the whole global batch on every rank (classes present in any rank's share, sizes
+        and label sums added, hence the mean label; class counts added). A collective."""
+        n, done = min(distributed.any_rank(self._labels), LABEL_BATCHES), self._combined
+        if n <= done:
+            return
+        self._label_buffers(self._stale.device if self._stale is not None else distributed.device())
+        rows, presence, counts = self._label_rows[done:n], self._shared["presence"][done:n], self._shared["counts"]
+        if self._labels < n:  # a rank that observed fewer batches: nothing of them
+            rows[self._labels - done:] = 0
+            presence[self._labels - done:] = 0
+        distributed.all_reduce_(presence, "max")
+        packed = distributed.all_reduce_(torch.cat([rows[:, 1:].flatten(), counts]), "sum")
+        k = n - done
+        sums = packed[:2 * k].view(k, 2)
+        rows[:, 0] = presence.sum(1).float()
+        rows[:, 1] = sums[:, 0] / sums[:, 1].clamp(min=1)
+        rows[:, 2] = sums[:, 1]
+        self._class_counts += packed[2 * k:]
+        counts.zero_()
+        self._labels = self._combined = n
 
     def observations(self) -> dict:
         """The counts so far (one read-back for the leftover-gradient count, one for the class targets)."""
@@ -152,9 +197,9 @@ class LoopObserver:
     def _label_observations(self) -> dict:
         """targets_seen (0: no targets were given, nothing to judge), other_targets, label_batches and, per
         observed batch of class indices, its classes, mean label and size; class_counts: the run's, per class."""
-        out = {"targets_seen": self.targets_seen, "other_targets": self.other_targets, "label_batches": self._labels}
-        if self._labels:
-            n = self._labels
+        n = self._combined if self._shared is not None else self._labels  # under DDP: the whole batches only
+        out = {"targets_seen": self.targets_seen, "other_targets": self.other_targets, "label_batches": n}
+        if n:
             values = torch.cat([self._label_rows[:n].flatten(), self._class_counts]).cpu()
             rows, counts = values[:3 * n].view(n, 3), values[3 * n:]
             out.update(batch_classes=[int(v) for v in rows[:, 0].tolist()],

@@ -77,6 +77,23 @@ class DeviceRows:
     def finish_row(self) -> None:
         self.n += 1
 
+    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The filled rows as they are (raw sums, not yet combined or read: buffer, numel, norm_scale, steps)
+        on the host, and the block emptied: for rows kept aside until every rank can combine them."""
+        n = self.n
+        raw = (self.buffer[:n].cpu().numpy().copy(), self.numel[:n].copy(), self.norm_scale[:n].copy(),
+               self.steps[:n].copy())
+        self.buffer[:n].fill_(float("nan"))
+        self.n, self._combined = 0, False
+        return raw
+
+    def put(self, buffer: np.ndarray, numel: np.ndarray, norm_scale: np.ndarray, steps: np.ndarray) -> None:
+        """Fill the (empty) block with rows `take` returned (at most `capacity` of them)."""
+        n = len(steps)
+        self.buffer[:n].copy_(torch.from_numpy(np.ascontiguousarray(buffer)))
+        self.numel[:n], self.norm_scale[:n], self.steps[:n] = numel, norm_scale, steps
+        self.n, self._combined = n, False
+
     def combine_across_ranks(self, world_size: int) -> None:
         """Under DistributedDataParallel: make the filled rows describe the whole global batch of each step,
         on every rank. Sums, dead and non-finite counts, histogram bins and the values counted add; squared
