@@ -461,3 +461,17 @@ def test_no_checkpoint_message_tells_missing_checksums_from_none(tmp_path):
     (tmp_path / "checkpoints" / (step_name(5) + ".sha256")).unlink()
     text = no_checkpoint_message(tmp_path / "checkpoints")
     assert "none of the 1 checkpoints" in text and "sha256sum FILE > FILE.sha256" in text
+
+
+def test_a_checkpoint_from_before_a_setting_existed_still_matches_its_run(tmp_path):
+    from deepscope.config import TrainConfig
+    from deepscope.errors import CheckpointError
+    from deepscope.recipe import _check_same_config
+
+    config = TrainConfig(epochs=2)
+    older = {k: v for k, v in config.to_dict().items() if k not in ("compile", "replay")}  # written by an older version
+    _check_same_config({"extra": {"config": older}}, config, tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match="replay: True in the checkpoint, False in config.json"):
+        _check_same_config({"extra": {"config": older}}, TrainConfig(epochs=2, replay=False), tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match="lr: 0.01 in the checkpoint, 0.5 in config.json"):
+        _check_same_config({"extra": {"config": older}}, TrainConfig(epochs=2, lr=0.5), tmp_path / "c.safetensors")

@@ -165,4 +165,12 @@ def test_train_compile_flag(tiny_data, tmp_path, capsys):
     add_parser(parser.add_subparsers())
     assert parser.parse_args(["train", "--compile"]).compile == "inductor"
     assert parser.parse_args(["train"]).compile is None
+    # --no-replay: no NaN read-back inside a step (a GPU sync), so no exact replay either
+    from deepscope.diagnose import Diagnose
+    from deepscope.recipe import looking_inside_callbacks
+
+    assert parser.parse_args(["train", "--no-replay"]).replay is False and parser.parse_args(["train"]).replay
+    for replay in (True, False):
+        cbs = looking_inside_callbacks(TrainConfig(replay=replay), None)
+        assert next(c for c in cbs if isinstance(c, Diagnose)).replay is replay
     assert isinstance(CompiledStep(TrainStep()), TrainStep)

@@ -23,11 +23,13 @@ import json, sys, torch
 from torch import nn
 import deepscope as ds
 from deepscope import distributed
-from deepscope.callbacks import Checkpoint, Distributed, MetricsCallback, OneCycle, Recorder
+from deepscope.callbacks import Checkpoint, Compile, Distributed, MetricsCallback, OneCycle, Recorder
 from deepscope.checkpoint import save_checkpoint
 from deepscope.data.loaders import DataLoaders, TensorBatches
 
 out, fail_at = sys.argv[1], int(sys.argv[2])
+graphs = []  # with a third argument "compile": the graphs torch.compile captured (run as captured)
+compiling = [Compile(lambda gm, inputs: graphs.append(len(gm.graph.nodes)) or gm.forward)] if sys.argv[3:] == ["compile"] else []
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 x = torch.randn(321, 12, generator=g)
@@ -48,6 +50,11 @@ class Seen(ds.Callback):
         if learn.training:
             if learn.iter == 0:
                 self.items.append([])
+            if learn.train_iter == 0:  # the chain of steps the forward pass goes through
+                step, self.chain = learn.train_step, []
+                while step is not None:
+                    self.chain.append(type(step).__name__)
+                    step = getattr(step, "inner", None)
             self.items[-1] += learn.xb[:, -1].long().tolist()
             if learn.train_iter == fail_at and distributed.rank() == 1:
                 raise ValueError("rank 1 fails on purpose")
@@ -59,9 +66,10 @@ seen = Seen()
 learn = ds.Learner(Net(), dls, lr=1e-2, cbs=[MetricsCallback(), Recorder(), OneCycle(1e-2), seen,
                    ds.ActivationStats(subsample=None, valid=True, flush_every=2),  # blocks fill mid-validation
                    Checkpoint(out + "/ckpt", every=5, monitor=None),
-                   Distributed()])
+                   Distributed(), *compiling])
 learn.fit(3)
 json.dump(seen.items, open(f"{out}/seen{distributed.rank()}.json", "w"))
+json.dump({"chain": seen.chain, "graphs": len(graphs)}, open(f"{out}/steps{distributed.rank()}.json", "w"))
 if distributed.is_main():
     s = learn.get_cb(ds.ActivationStats).stats()
     save_checkpoint(f"{out}/result.safetensors", {
@@ -98,8 +106,11 @@ def test_two_processes_train_like_one(tmp_path):
     single.mkdir(), ddp.mkdir()
     one = _run([sys.executable, str(script), str(single), "-1"])
     assert one.returncode == 0, one.stderr
-    two = _run([*_torchrun(), str(script), str(ddp), "-1"])
+    two = _run([*_torchrun(), str(script), str(ddp), "-1", "compile"])  # and through torch.compile
     assert two.returncode == 0, two.stderr[-3000:]
+    for rank in (0, 1):  # torch.compile captured DistributedDataParallel's forward on every rank
+        steps = json.loads((ddp / f"steps{rank}.json").read_text())
+        assert steps["chain"] == ["CompiledStep", "DistributedStep", "TrainStep"] and steps["graphs"] > 0, steps
     a, b = load_checkpoint(single / "result.safetensors"), load_checkpoint(ddp / "result.safetensors")
     for k in a["model"]:
         assert (a["model"][k] - b["model"][k]).abs().max() <= 1e-5, k
@@ -365,3 +376,16 @@ def test_the_distributed_callback_prints_the_batchnorm_warning_once_on_rank_0(mo
                 cb.before_fit(learn)
                 cb.cleanup_fit(learn)
         assert capsys.readouterr().out.count("4 samples per process (8 over 2 processes") == printed
+
+
+def test_the_backend_suits_the_device_trained_on(monkeypatch):
+    from deepscope.distributed import backend_for
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # a machine with GPUs
+    assert [backend_for(d) for d in ("auto", None, "cuda", "cuda:1")] == ["nccl"] * 4
+    assert backend_for("cpu") == "gloo"  # NCCL cannot carry CPU tensors: --device cpu on a GPU machine
+    import torch
+
+    assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 0)) == "nccl"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert backend_for("auto") == backend_for("cpu") == "gloo"

@@ -47,6 +47,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
     limit_batches: int | None = None  # stop each pass after this many batches (smoke runs)
     stats: bool = True  # collect per-layer statistics (activations, gradients, updates)
+    replay: bool = True  # check each step for NaN/Inf (one read-back) and replay the first bad one to name its module
     stats_every: int = 1  # record them every N training steps
     stats_sample: int = 4096  # values of each tensor summarised per step; 0: all of them (exact, ~1.6x the CPU step)
     tensorboard: bool = False  # also write TensorBoard event files

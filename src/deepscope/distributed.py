@@ -45,12 +45,22 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+def backend_for(device: str | torch.device | None = "auto") -> str:
+    """The process-group backend for training on `device` ("auto", "cpu", "cuda", "cuda:N", "mps" or a
+    torch.device; None is "auto"): NCCL for CUDA GPUs (when CUDA is here), gloo for everything else. NCCL
+    cannot move CPU tensors, so `--device cpu` on a machine with GPUs needs gloo."""
+    kind = torch.device(device).type if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    return "nccl" if kind == "cuda" and torch.cuda.is_available() else "gloo"
+
+
+def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+         device: str | torch.device | None = "auto") -> bool:
     """Join the process group torchrun described in the environment (once; later calls do nothing). The
-    backend is NCCL when CUDA is available, else gloo. Returns whether this process is one of several."""
+    backend, unless given, suits the device the job trains on (`backend_for`: NCCL for CUDA, else gloo).
+    Returns whether this process is one of several."""
     if launched() and dist.is_available() and not dist.is_initialized():
         if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(local_rank())
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -95,7 +105,8 @@ def is_main() -> bool:
 
 
 def device() -> torch.device:
-    """The device of this rank: its GPU (by LOCAL_RANK) under CUDA, else the CPU."""
+    """The device of this rank when the job trains on "auto" or "cuda": its GPU (by LOCAL_RANK) under
+    CUDA, else the CPU."""
     return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 

@@ -93,7 +93,8 @@ def step_callbacks(config: TrainConfig) -> list:
 def looking_inside_callbacks(config: TrainConfig, run_dir: Path | None) -> list:
     """Statistics (unless --no-stats), diagnosis, and TensorBoard and torch.profiler (when asked) for a
     training run."""
-    cbs: list = [Diagnose(save_dir=run_dir, record_stats=config.stats)]  # --no-stats: no statistics at all
+    cbs: list = [Diagnose(save_dir=run_dir, record_stats=config.stats,  # --no-stats: no statistics at all
+                          replay=config.replay)]  # --no-replay: no read-back in a step
     stats = ActivationStats(every=config.stats_every, subsample=config.stats_sample or None) if config.stats else None
     if stats is not None:
         cbs.append(stats)
@@ -161,6 +162,19 @@ def _open_run(config: TrainConfig | None, overwrite: bool, resume) -> tuple:
     return RunFolder.prepare(config.out, "train", overwrite=overwrite), config, None
 
 
+def _planned_device(config: TrainConfig | None, resume) -> str:
+    """The device a run will train on, before the process group exists (its backend depends on it): the
+    config's, or for a resumed run the one in its config.json (this machine's copy; "auto" if unreadable)."""
+    if config is not None:
+        return config.device
+    for folder in (Path(f"{resume}.partial"), Path(resume)):
+        try:
+            return read_config(folder)["config"].get("device", "auto")
+        except Exception:  # noqa: BLE001 - rank 0 reports an unreadable run; the backend then does not matter
+            continue
+    return "auto"
+
+
 def resume_command(final: Path) -> str:
     """The command that continues a run: under torchrun, with the same number of processes."""
     if distributed.active():
@@ -199,9 +213,12 @@ def _check_same_config(state: dict, config: TrainConfig, path: Path) -> None:
     if saved is None:
         return
     now = config.to_dict()
-    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "out")
+    defaults = TrainConfig().to_dict()  # a setting added since the checkpoint was written had its default then
+    differ = sorted(k for k in set(saved) | set(now)
+                    if saved.get(k, defaults.get(k)) != now.get(k, defaults.get(k)) and k != "out")
     if differ:
-        shown = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} in config.json" for k in differ[:6])
+        shown = "; ".join(f"{k}: {saved.get(k, defaults.get(k))!r} in the checkpoint, {now.get(k)!r} in config.json"
+                          for k in differ[:6])
         raise CheckpointError(f"{path} was taken with other settings than this run's config.json ({shown}); it "
                               f"belongs to another run")
 
@@ -289,7 +306,7 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
     (None: as the config says) whether to write report.html."""
     started = time.perf_counter()
     if distributed.launched():  # one of several processes started by torchrun: rank 0 owns the run folder
-        distributed.init()
+        distributed.init(device=_planned_device(config, resume))
         run, config, checkpoint = _shared_run(config, overwrite, resume)
     else:
         run, config, checkpoint = _open_run(config, overwrite, resume)

@@ -63,7 +63,7 @@ class Distributed(Callback):
 
     def before_fit(self, learn) -> None:
         self._step, self._sharded, self._model = None, [], None
-        if not distributed.init(timeout_s=self.timeout_s):
+        if not distributed.init(timeout_s=self.timeout_s, device=next(learn.model.parameters()).device):
             return
         rank, world = distributed.rank(), distributed.world_size()
         self._model = learn.model

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     config = config_from_args(args)
-    distributed.init()  # under torchrun: join the other processes (nothing in a single process)
+    distributed.init(device=config.device)  # under torchrun: join the other processes (nothing in a single process)
     if not args.start_lr < args.end_lr:
         raise everywhere(ConfigError(f"--start-lr ({args.start_lr}) must be below --end-lr ({args.end_lr})"))
     check_world(config.batch_size)

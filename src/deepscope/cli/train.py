@@ -106,6 +106,10 @@ def add_parser(subparsers) -> None:
                            "aot_eager only traces, to check that the model compiles). The first batch pays the "
                            "compilation; statistics hooks run outside the compiled graph, which is cut at each "
                            "watched module (--no-stats keeps it whole)")
+    long.add_argument("--no-replay", dest="replay", action="store_false",
+                      help="do not check each training step for NaN/Inf to replay the first bad one (the check is "
+                           "one read-back per step, which on a GPU is a sync); the statistics still show where NaN "
+                           "first appeared")
     long.add_argument("--resume", metavar="RUN_DIR",
                       help="continue an interrupted or killed run from its last checkpoint, with the settings it "
                            "started with (RUN_DIR is its --out, with or without .partial); bit for bit on the CPU")
