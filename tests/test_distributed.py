@@ -389,3 +389,46 @@ def test_the_backend_suits_the_device_trained_on(monkeypatch):
     assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 0)) == "nccl"
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert backend_for("auto") == backend_for("cpu") == "gloo"
+
+
+def test_each_rank_resumes_its_own_sampling_streams(monkeypatch):
+    """Under DDP a rank that ran fewer validation batches has drawn less from its sampler: a checkpoint keeps
+    every rank's streams, and each rank takes back its own (here rank 1 of 2, in one process)."""
+    import torch
+
+    from deepscope import distributed
+    from deepscope.stats import StatsRecorder
+
+    def recorder():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+        rec = StatsRecorder(model, subsample=8, flush_every=4)
+        rec.attach()
+        return rec, model
+
+    def steps(rec, model, n):
+        for step in range(n):
+            rec.start_step(step)
+            model(torch.randn(16, 3)).sum().backward()
+            rec.before_update()
+            rec.after_update()
+            rec.end_step()
+
+    rank0, m0 = recorder()
+    steps(rank0, m0, 3)
+    rank1, m1 = recorder()
+    steps(rank1, m1, 5)  # a different position in the same streams
+    own0, own1 = rank0._sample.state_dict(), rank1._sample.state_dict()
+    assert own0["host_rng"] != own1["host_rng"]
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj: [obj, own1])
+    monkeypatch.setattr(distributed, "all_reduce_", lambda t, op="sum": t)
+    monkeypatch.setattr(distributed, "any_rank", lambda v: v)
+    state = rank0.state_dict()
+    assert len(state["sample"]["by_rank"]) == 2
+    for rank, own in ((0, own0), (1, own1)):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        fresh, _ = recorder()
+        fresh.load_state_dict(state)
+        assert fresh._sample.state_dict()["host_rng"] == own["host_rng"], rank

@@ -751,8 +751,11 @@ class StatsRecorder:
         self.flush()
         units = {i: {"ring": u["ring"], "steps": list(u["steps"]), "n": u["n"],
                      "first": list(u["first"]) if u["first"] is not None else None} for i, u in self._units.items()}
+        sample = self._sample.state_dict() if self._sample is not None else None
+        if distributed.active():  # each rank samples its share with its own streams: kept per rank (a collective)
+            sample = {"by_rank": distributed.gather_objects(sample)}
         return {"modules": list(self.modules), "stores": {k: v.state_dict() for k, v in self._stores.items()},
-                "sample": self._sample.state_dict() if self._sample is not None else None, "units": units,
+                "sample": sample, "units": units,
                 "loop": self._loop.state_dict() if self._loop is not None else None,
                 **{name.lstrip("_"): getattr(self, name) for name in self._STATE}}
 
@@ -764,8 +767,12 @@ class StatsRecorder:
                               f"this model's ({self.modules[:5]}...)")
         for split, store in state["stores"].items():
             self._stores[split].load_state_dict(store)
-        if self._sample is not None and state["sample"] is not None:
-            self._sample.load_state_dict(state["sample"])
+        sample = state["sample"]
+        if isinstance(sample, dict) and "by_rank" in sample:  # written under DDP: this rank's own streams
+            by_rank = sample["by_rank"]
+            sample = by_rank[distributed.rank()] if len(by_rank) == distributed.world_size() else by_rank[0]
+        if self._sample is not None and sample is not None:
+            self._sample.load_state_dict(sample)
         if self._loop is not None and state["loop"] is not None:
             self._loop.load_state_dict(state["loop"])
         device = self._first_bad_input.device
