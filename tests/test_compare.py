@@ -23,7 +23,8 @@ def made(tmp_path_factory):
     options = {"a": ["--norm", "batch", "--lr", "0.01"], "b": ["--norm", "none", "--lr", "0.003"],
                "c": ["--norm", "batch", "--lr", "0.01", "--no-stats"]}
     for name, extra in options.items():
-        assert main(["train", "--data-dir", str(data), "--out", str(runs / name), *FAST, *extra]) == 0
+        # --no-report: compare and runs read the run files, never report.html (and rendering one costs seconds)
+        assert main(["train", "--data-dir", str(data), "--out", str(runs / name), *FAST, *extra, "--no-report"]) == 0
     # b as a diagnosed run with a problem: a cause and the symptom it explains (a tiny run finds none itself)
     save_findings(runs / "b" / "findings.json", [
         Finding("lr_too_high", "", "warning", "the loss rose 3x in the first steps", "lower --lr"),

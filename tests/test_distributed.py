@@ -362,7 +362,7 @@ def test_the_distributed_callback_prints_the_batchnorm_warning_once_on_rank_0(mo
     from deepscope.callbacks import Distributed
     from deepscope.data.loaders import DataLoaders, TensorBatches
 
-    monkeypatch.setattr(distributed, "init", lambda timeout_s: True)  # as if torchrun had started 2 processes
+    monkeypatch.setattr(distributed, "init", lambda timeout_s, device: True)  # as if torchrun had started 2 processes
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda model, **kwargs: model)
     x, y = torch.randn(64, 3), torch.zeros(64, dtype=torch.long)
