@@ -39,8 +39,10 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     data = write_tiny_dataset(root / "data", n_train=BATCHES_PER_EPOCH * 16, n_test=64)
     ref = root / "ref"
-    done = _run(_args(data, ref))
-    assert done.returncode == 0, done.stderr
+    # in this process (no interpreter start-up): the resumed runs, in other processes, must match it bit for bit
+    from deepscope.cli import main
+
+    assert main(_args(data, ref)[3:]) == 0
     return root, data, ref
 
 
@@ -106,13 +108,14 @@ def test_sigterm_stops_at_a_batch_boundary_keeps_a_report_and_says_how_to_resume
     assert latest.name == step_name(stopped)  # the checkpoint is the step it stopped at, not an older one
     assert len(json.loads((partial / "recorder.json").read_text())["loss"]) == stopped
     assert not out.exists()
-    resumed = _run(_args(data, out)[:4] + ["--resume", str(partial), "--no-report"])
-    assert resumed.returncode == 0, resumed.stderr
+    from deepscope.cli import main
+
+    assert main(["train", "--resume", str(partial), "--no-report"]) == 0  # in-process: the stop was the subprocess's
     _same_run(ref, out)
     assert not partial.exists() and not (out / "report.html").exists()  # --no-report of the resume is honoured
 
 
-def test_what_resume_refuses_and_a_damaged_checkpoint(setup, tmp_path):
+def test_what_resume_refuses_and_a_damaged_checkpoint(setup, tmp_path, capsys):
     root, data, ref = setup
     out = tmp_path / "run"
     proc = subprocess.Popen(_args(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
@@ -126,11 +129,15 @@ def test_what_resume_refuses_and_a_damaged_checkpoint(setup, tmp_path):
     def cli(*args):
         return main(["train", *args])
 
-    listed = _run([sys.executable, "-m", "deepscope", "runs", str(tmp_path)])
-    assert f"resume with `deepscope train --resume {out}`" in listed.stdout, listed.stdout
+    # in this process from here on: only the kill above needs a process of its own
+    capsys.readouterr()
+    assert main(["runs", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert f"resume with `deepscope train --resume {out}`" in listed, listed
     # a new run into the same --out would lose the checkpoints: refused, with both ways on
-    new = _run(_args(data, out))
-    assert new.returncode == 2 and f"--resume {out}" in new.stderr and "--overwrite" in new.stderr
+    assert main(_args(data, out)[3:]) == 2
+    new = capsys.readouterr().err
+    assert f"--resume {out}" in new and "--overwrite" in new, new
     assert step_checkpoints(out.with_name("run.partial") / "checkpoints")
     assert cli("--resume", str(out), "--lr", "0.5") == 2
     assert cli("--resume", str(tmp_path / "nothing")) == 2
@@ -140,8 +147,10 @@ def test_what_resume_refuses_and_a_damaged_checkpoint(setup, tmp_path):
     config = json.loads(config_path.read_text())
     config["config"]["lr"] = 0.5
     config_path.write_text(json.dumps(config))
-    changed = _run(_args(data, out)[:4] + ["--resume", str(out)])
-    assert changed.returncode == 2 and "lr: 0.01 in the checkpoint, 0.5 in config.json" in changed.stderr
+    capsys.readouterr()
+    assert cli("--resume", str(out)) == 2
+    changed = capsys.readouterr().err
+    assert "lr: 0.01 in the checkpoint, 0.5 in config.json" in changed, changed
     config["config"]["lr"] = 0.01
     config_path.write_text(json.dumps(config))
     # a damaged newest checkpoint is skipped, saying so, and the run resumes from the one before, exactly
@@ -149,9 +158,10 @@ def test_what_resume_refuses_and_a_damaged_checkpoint(setup, tmp_path):
     blob = bytearray(latest.read_bytes())
     blob[len(blob) // 2] ^= 0x10
     latest.write_bytes(bytes(blob))
-    resumed = _run(_args(data, out)[:4] + ["--resume", str(out), "--no-report"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"skipping {latest.name}" in resumed.stderr and "corrupt" in resumed.stderr
+    capsys.readouterr()
+    assert cli("--resume", str(out), "--no-report") == 0
+    resumed = capsys.readouterr().err
+    assert f"skipping {latest.name}" in resumed and "corrupt" in resumed, resumed
     _same_run(ref, out)
 
 
@@ -163,7 +173,7 @@ def test_resume_with_a_setting_names_it(capsys, setup):
     assert "drop --epochs" in capsys.readouterr().err
 
 
-def test_step_flags_map_to_callbacks(setup, tmp_path):
+def test_step_flags_map_to_callbacks(setup, tmp_path, capsys):
     from deepscope.callbacks import EarlyStopping, GradClip, MixedPrecision
     from deepscope.config import TrainConfig
     from deepscope.recipe import build_learner
@@ -184,8 +194,10 @@ def test_step_flags_map_to_callbacks(setup, tmp_path):
                  "--early-stop", "1", "--no-report", "--out", str(tmp_path / "r")]) == 0
     saved = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
     assert (saved["clip"], saved["precision"], saved["early_stop"]) == (0.5, "bf16", 1)
-    bad = _run([sys.executable, "-m", "deepscope", "train", "--precision", "fp8"])
-    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as bad:  # argparse's refusal, in this process
+        main(["train", "--precision", "fp8"])
+    assert bad.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_a_closed_output_pipe_stops_quietly_and_keeps_the_run(setup, tmp_path):

@@ -100,10 +100,9 @@ def opaque(fn: HookFn) -> HookFn:
     trace into a hook and cut the graph wherever the hook does something it cannot capture (a read-back, a
     timer, a list append). Kept out, the hook cuts the graph once, at the module it watches, and sees the
     real tensors, so what it records is what eager records. Every hook deepscope puts on a model goes
-    through this. The wrapper costs ~2 us a call, and only where TorchDynamo is loaded already (a compile
-    happened or is coming): importing it takes seconds, so a process that never compiles never pays either.
-    A hook registered before TorchDynamo loads is traced like user code instead: slower to compile, same
-    numbers."""
+    through this. The wrapper costs ~2 us a call. It needs TorchDynamo loaded, which creating a torch
+    optimizer does; importing it only for this would cost seconds, so a hook registered before it is loaded
+    stays plain, and a compile then traces it like user code: slower to compile, same numbers."""
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is None:
         return fn
