@@ -475,3 +475,12 @@ def test_a_checkpoint_from_before_a_setting_existed_still_matches_its_run(tmp_pa
         _check_same_config({"extra": {"config": older}}, TrainConfig(epochs=2, replay=False), tmp_path / "c.safetensors")
     with pytest.raises(CheckpointError, match="lr: 0.01 in the checkpoint, 0.5 in config.json"):
         _check_same_config({"extra": {"config": older}}, TrainConfig(epochs=2, lr=0.5), tmp_path / "c.safetensors")
+
+
+def test_resume_of_a_checkpoint_file_says_it_takes_the_run_folder(tmp_path, capsys):
+    from deepscope.cli import main
+
+    (tmp_path / "step-00000004.safetensors").write_bytes(b"")
+    assert main(["train", "--resume", str(tmp_path / "step-00000004.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file; --resume takes the folder of the interrupted run" in err and "resume_from=FILE" in err

@@ -262,6 +262,10 @@ class RunFolder:
             if is_run_folder(final):
                 raise OutputError(f"{final} is a complete run: all its epochs ran, there is nothing to resume "
                                   f"(start a new run, or export or compare this one)")
+            if given.is_file():
+                raise OutputError(f"{run_dir} is a file; --resume takes the folder of the interrupted run (its --out, "
+                                  f"with or without .partial) and continues from that run's latest checkpoint. To "
+                                  f"start from one checkpoint file, use Python: learn.fit(n, resume_from=FILE)")
             raise OutputError(f"there is no unfinished run at {run_dir} (no {staging.name} folder); --resume takes "
                               f"the --out of a run that was interrupted or killed")
         marker = read_marker(staging)
