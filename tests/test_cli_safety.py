@@ -40,8 +40,8 @@ def data(tmp_path_factory):
 def old_run(data, tmp_path_factory):
     """A finished run to protect; each test copies it."""
     out = tmp_path_factory.mktemp("old") / "run"
-    subprocess.run(cli("train", "--data-dir", data, *FAST, "--out", out), check=True, env=env(), capture_output=True)
-    assert is_run_folder(out)
+    assert main(["train", "--data-dir", str(data), *FAST, "--out", str(out), "--quiet"]) == 0  # in this process
+    assert is_run_folder(out) and (out / "report.html").is_file()
     return out
 
 
@@ -91,7 +91,7 @@ def test_a_signal_mid_training_keeps_the_old_run_and_says_so(sig, code, said, da
 
 
 @pytest.mark.slow
-def test_kill_9_leaves_the_old_run_and_the_next_run_cleans_up(data, old_run, tmp_path):
+def test_kill_9_leaves_the_old_run_and_the_next_run_cleans_up(data, old_run, tmp_path, capsys):
     out = copy_run(old_run, tmp_path / "run")
     before = tree(out)
     proc = start_long_run(data, out, "--overwrite")
@@ -99,23 +99,25 @@ def test_kill_9_leaves_the_old_run_and_the_next_run_cleans_up(data, old_run, tmp
     proc.communicate(timeout=30)
     assert tree(out) == before, "kill -9 mid-run must not touch the old run"
     assert read_marker(Path(str(out) + ".partial"))["state"] == "writing"
-    done = subprocess.run(cli("train", "--data-dir", data, *FAST, "--out", out, "--overwrite", "--no-report"),
-                          env=env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "interrupted run" in done.stderr
+    capsys.readouterr()
+    code = main(["train", "--data-dir", str(data), *FAST, "--out", str(out), "--overwrite", "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "interrupted run" in err
     assert is_run_folder(out) and not Path(str(out) + ".partial").exists()
     assert tree(out) != before
 
 
 @pytest.mark.slow
-def test_a_second_process_cannot_write_into_the_same_run(data, tmp_path):
+def test_a_second_process_cannot_write_into_the_same_run(data, tmp_path, capsys):
     out = tmp_path / "run"
     first = start_long_run(data, out)
     try:
-        second = subprocess.run(cli("train", "--data-dir", data, *FAST, "--out", out, "--overwrite"),
-                                env=env(), capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2
-        assert "another deepscope process" in second.stderr and str(first.pid) in second.stderr
+        capsys.readouterr()
+        code = main(["train", "--data-dir", str(data), *FAST, "--out", str(out), "--overwrite"])  # this process
+        second = capsys.readouterr().err
+        assert code == 2, second
+        assert "another deepscope process" in second and str(first.pid) in second
     finally:
         first.terminate()
         _, stderr = first.communicate(timeout=60)
@@ -156,8 +158,7 @@ def test_a_failed_report_keeps_the_finished_run(data, tmp_path):
     assert is_run_folder(out)
     assert {"config.json", "metrics.json", "model.safetensors", "stats.npz"} <= set(read_marker(out)["files"])
     assert not (out / "report.html").exists()
-    rebuilt = subprocess.run(cli("report", out), env=env(), capture_output=True, text=True)
-    assert rebuilt.returncode == 0 and (out / "report.html").is_file()
+    assert main(["report", str(out)]) == 0 and (out / "report.html").is_file()  # rebuilt, in this process
     assert "report.html" in read_marker(out)["files"], "a rebuilt report is recorded as deepscope's"
 
 
@@ -281,7 +282,7 @@ def test_training_to_nan_is_a_failure_not_a_success(data, tmp_path, capsys):
 
 def test_limit_batches_says_what_was_measured(data, tmp_path, capsys):
     assert main(["train", "--data-dir", str(data), *FAST, "--limit-batches", "1", "--batch-size", "16",
-                 "--out", str(tmp_path / "run")]) == 0
+                 "--no-report", "--out", str(tmp_path / "run")]) == 0
     assert "valid accuracy" in (out := capsys.readouterr().out) and "on 32 of 64 test images" in out
 
 
@@ -314,7 +315,11 @@ def test_quiet_silences_the_bars_on_a_terminal_and_keeps_the_table(data, tmp_pat
         assert proc.returncode == 0
         return b"".join(chunks).decode(errors="replace")
 
-    loud, quiet_out = run(), run("--quiet")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # both runs at once: each takes one thread of the two cores
+        loud, quiet_out = pool.submit(run), pool.submit(run, "--quiet")
+        loud, quiet_out = loud.result(), quiet_out.result()
     assert "it/s]" in loud or "s/it]" in loud, "the bars show on a terminal without --quiet"
     assert "it/s]" not in quiet_out and "s/it]" not in quiet_out
     assert "valid_accuracy" in quiet_out and "done in" in quiet_out
@@ -436,7 +441,7 @@ def test_train_prints_the_errors_diagnosis_found(data, tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(diagnose_callback, "analyse_run", lambda record: Analysis(
         [Finding("lr_too_high", "", "error", "The training loss spiked.", "Lower the lr.")], ["a check"], [], 7))
-    assert main(["train", "--data-dir", str(data), *FAST, "--out", str(tmp_path / "run")]) == 0
+    assert main(["train", "--data-dir", str(data), *FAST, "--no-report", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "diagnosis found 1 error(s), 0 warning(s), causes first" in out
     assert "error lr_too_high: The training loss spiked." in out and "  fix: Lower the lr." in out

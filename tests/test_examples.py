@@ -13,10 +13,41 @@ WATCH = ROOT / "examples" / "watch_transformer.py"
 WATCH_FILES = ("report.html", "mean_std.png", "color_dim.png", "update_ratio.png")
 
 
-def run_example(script: Path, *args) -> subprocess.CompletedProcess:
+def start_example(script: Path, *args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_example(script: Path, *args) -> subprocess.CompletedProcess:
+    return finish(start_example(script, *args))
+
+
+@pytest.fixture(scope="module")
+def watch_runs(tmp_path_factory):
+    """The two training runs of the example, started together: each is a process on one thread, so on two
+    cores they run side by side (most of their time is drawing the report's plots). Each test waits for its own."""
+    root = tmp_path_factory.mktemp("watch")
+    outs = {"ok": root / "ok", "high-lr": root / "high-lr"}
+    procs = {"ok": start_example(WATCH, "--steps", 40, "--out", outs["ok"]),
+             "high-lr": start_example(WATCH, "--lr", 0.3, "--steps", 40, "--out", outs["high-lr"])}
+    done = {}
+
+    def result(name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        if name not in done:
+            done[name] = finish(procs[name])
+        return done[name], outs[name]
+
+    yield result
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def check_watch_outputs(out: Path) -> str:
@@ -34,9 +65,8 @@ def check_watch_outputs(out: Path) -> str:
 
 
 @pytest.mark.slow
-def test_watch_example_trains_and_finds_nothing(tmp_path):
-    out = tmp_path / "ok"
-    done = run_example(WATCH, "--steps", 40, "--out", out)
+def test_watch_example_trains_and_finds_nothing(watch_runs):
+    done, out = watch_runs("ok")  # examples/watch_transformer.py --steps 40 --out <tmp>/ok
     assert done.returncode == 0, done.stderr
     assert "40 steps recorded" in done.stdout
     assert "no findings" in done.stdout
@@ -44,9 +74,8 @@ def test_watch_example_trains_and_finds_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_watch_example_at_a_diverging_lr_reports_an_error(tmp_path):
-    out = tmp_path / "high-lr"
-    done = run_example(WATCH, "--lr", 0.3, "--steps", 40, "--out", out)
+def test_watch_example_at_a_diverging_lr_reports_an_error(watch_runs):
+    done, out = watch_runs("high-lr")  # examples/watch_transformer.py --lr 0.3 --steps 40 --out <tmp>/high-lr
     assert done.returncode == 0, done.stderr
     assert re.search(r"^ERROR\s+lr_too_high", done.stdout, re.M), done.stdout
     html = check_watch_outputs(out)

@@ -183,13 +183,18 @@ def test_bad_arguments_are_clear_errors():
         deepscope.watch(mlp(), every=0)
 
 
-def test_report_path_rules_and_settings(tmp_path, one_thread):
+def test_report_path_rules_and_settings(tmp_path, one_thread, monkeypatch):
+    import deepscope.report
+
     model, data = mlp(), batches(n=2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     with deepscope.watch(model, opt) as w:
         plain_loop(model, data, w, opt=opt)
-    assert w.report(tmp_path / "new" / "folder") == tmp_path / "new" / "folder" / "report.html"
-    assert w.report(tmp_path / "mine.html") == tmp_path / "mine.html"
+    with monkeypatch.context() as m:  # where the page goes needs no drawing: a stand-in page for these two
+        m.setattr(deepscope.report, "render_run", lambda run: "<html>stand-in</html>")
+        assert w.report(tmp_path / "new" / "folder") == tmp_path / "new" / "folder" / "report.html"
+        assert w.report(tmp_path / "mine.html") == tmp_path / "mine.html"
+    assert (tmp_path / "new" / "folder" / "report.html").is_file() and (tmp_path / "mine.html").is_file()
     html = w.report(tmp_path / "x.html", config={"batch_size": 16}).read_text()
     for text in ("AdamW", "0.003", "0.05", "batch_size"):
         assert text in html, text
