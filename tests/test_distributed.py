@@ -202,7 +202,12 @@ def test_torchrun_deepscope_train_writes_one_run_as_a_single_process_would(data,
     for ra, rb in zip(ma, mb):
         assert ra["valid_accuracy"] == rb["valid_accuracy"]
         assert ra["valid_loss"] == pytest.approx(rb["valid_loss"], abs=1e-5)
+        for r in (ra, rb):  # samples/s is the job's: every process's items over the training pass's seconds
+            t = r["timing"]
+            assert t["samples_per_s"] * t["train_seconds"] == pytest.approx(512, rel=1e-6)  # 16 batches of 32
     _same_observations(single, out)
+    environments = [json.loads((d / "config.json").read_text())["environment"] for d in (single, out)]
+    assert [e["processes"] for e in environments] == [1, 2]  # how many processes trained is recorded
 
 
 def _same_observations(a: Path, b: Path) -> None:
@@ -432,3 +437,17 @@ def test_each_rank_resumes_its_own_sampling_streams(monkeypatch):
         fresh, _ = recorder()
         fresh.load_state_dict(state)
         assert fresh._sample.state_dict()["host_rng"] == own["host_rng"], rank
+
+
+def test_the_resume_command_has_the_runs_own_number_of_processes(tmp_path):
+    from deepscope.recipe import resume_command
+
+    final = tmp_path / "run"
+    (tmp_path / "run.partial").mkdir()
+    config = {"kind": "train", "config": {}, "options": {}, "data": {}, "environment": {"processes": 4}}
+    (tmp_path / "run.partial" / "config.json").write_text(json.dumps(config))
+    # asked from a single process (a refused resume, `deepscope runs`): still the run's 4 processes
+    assert resume_command(final) == f"torchrun --nproc-per-node 4 -m deepscope train --resume {final}"
+    config["environment"]["processes"] = 1
+    (tmp_path / "run.partial" / "config.json").write_text(json.dumps(config))
+    assert resume_command(final) == f"deepscope train --resume {final}"

@@ -75,8 +75,9 @@ def shutdown() -> None:
 
 
 def rank() -> int:
-    """This process's rank, 0 in a single process."""
-    return dist.get_rank() if active() else 0
+    """This process's rank: the group's once joined, before that what torchrun announced (RANK); 0 in a
+    single process."""
+    return dist.get_rank() if active() else launched_rank()
 
 
 def world_size() -> int:
@@ -136,11 +137,22 @@ def any_rank(value: int) -> int:
     through a gloo group beside NCCL, so asking costs no GPU synchronisation. Every rank must call it."""
     if not active():
         return value
+    return int(_on_host(torch.tensor([value], dtype=torch.int64), dist.ReduceOp.MAX)[0])
+
+
+def host_sum(values: list[float]) -> list[float]:
+    """Every rank's `values` added up, on the host (the gloo group beside NCCL); `values` in a single
+    process. Every rank must call it, with as many values."""
+    if not active():
+        return list(values)
+    return _on_host(torch.tensor(values, dtype=torch.float64), dist.ReduceOp.SUM).tolist()
+
+
+def _on_host(tensor: torch.Tensor, op) -> torch.Tensor:
     if not _control:
         _control.append(dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None)
-    flag = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control[0])
-    return int(flag.item())
+    dist.all_reduce(tensor, op=op, group=_control[0])
+    return tensor
 
 
 def broadcast_object(obj, src: int = 0):

@@ -176,9 +176,17 @@ def _planned_device(config: TrainConfig | None, resume) -> str:
 
 
 def resume_command(final: Path) -> str:
-    """The command that continues a run: under torchrun, with the same number of processes."""
-    if distributed.active():
-        return f"torchrun --nproc-per-node {distributed.world_size()} -m deepscope train --resume {final}"
+    """The command that continues a run: with the number of processes it trained with (its config.json's
+    environment; this job's when not recorded), under torchrun when more than one."""
+    processes = distributed.world_size()
+    for folder in (final.with_name(final.name + ".partial"), final):
+        try:
+            processes = int(read_config(folder)["environment"].get("processes", processes))
+            break
+        except Exception:  # noqa: BLE001 - no readable config.json there: this job's count
+            continue
+    if processes > 1:
+        return f"torchrun --nproc-per-node {processes} -m deepscope train --resume {final}"
     return f"deepscope train --resume {final}"
 
 

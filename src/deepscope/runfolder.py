@@ -533,7 +533,12 @@ def shared_run(open_run: Callable[[], tuple]) -> tuple:
             shared = (str(run.path), str(run.final), value)
         except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
             error = e
-    shared, message = distributed.broadcast_object((shared, f"{type(error).__name__}: {error}" if error else None))
+    try:
+        shared, message = distributed.broadcast_object((shared, f"{type(error).__name__}: {error}" if error else None))
+    except BaseException as e:  # a stop signal (or a rank gone) before the run began: rank 0 lets the folder go
+        if run is not None:
+            run.__exit__(type(e), e, e.__traceback__)
+        raise
     if error is not None:
         raise error
     if message is not None:
@@ -706,14 +711,17 @@ def _command_line() -> list[str]:
 
 
 def environment(device: torch.device | str) -> dict:
-    """What produced a result: versions, device, threads."""
+    """What produced a result: versions, device, threads, processes."""
     import numpy
 
     from . import __version__
 
+    from . import distributed
+
     env = {"deepscope": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
            "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
-           "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+           "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+           "processes": distributed.planned_world_size()}  # torchrun's processes training together (1 alone)
     if torch.cuda.is_available() and str(device).startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env

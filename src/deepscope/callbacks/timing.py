@@ -32,6 +32,7 @@ from functools import partialmethod
 
 import torch
 
+from .. import distributed
 from ..callback import Callback
 from .clocks import Intervals, clock_for
 from .metrics import MetricsCallback
@@ -167,7 +168,9 @@ class PhaseTimer(Callback):
         try:
             if self._intervals is not None:
                 self._intervals.read(wait=True)  # on CUDA, the one synchronize of the epoch
-            record = epoch_timing(self._sums(), self._stats_in, self._items)
+            # under DDP the items are every process's (a host-side sum): samples/s is the job's, timed on rank 0
+            train, valid = distributed.host_sum([self._items.get("train", 0), self._items.get("valid", 0)])
+            record = epoch_timing(self._sums(), self._stats_in, {"train": int(train), "valid": int(valid)})
         except Exception as e:  # noqa: BLE001 - the timer's own failure must not stop training
             self._fail(e)
             return

@@ -174,9 +174,21 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            _restore_handler(sig, handler)
         if sys.exc_info()[0] is None:  # after an error, other ranks may be inside a collective: just exit
             distributed.shutdown()
+
+
+def _restore_handler(sig: int, handler) -> None:
+    """Put back a signal's handler. A stop signal that lands while leaving (a second Ctrl-C, or torchrun's
+    SIGTERM after the first) is raised by our own handler here: the command is ending anyway, so it is
+    dropped rather than turned into a traceback."""
+    while True:
+        try:
+            signal.signal(sig, handler)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _outcome(e: BaseException) -> None:

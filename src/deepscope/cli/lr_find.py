@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from ..seed import set_seed
 
     started = time.perf_counter()
-    config = config_from_args(args)
+    with met_alike():  # every process has the same options: rank 0 alone says what is wrong with them
+        config = config_from_args(args)
     distributed.init(device=config.device)  # under torchrun: join the other processes (nothing in a single process)
     if not args.start_lr < args.end_lr:
         raise everywhere(ConfigError(f"--start-lr ({args.start_lr}) must be below --end-lr ({args.end_lr})"))

@@ -100,8 +100,10 @@ def find_runs(root: Path) -> list[dict]:
             latest = step_checkpoints(folder / CHECKPOINTS)
             if latest and not _alive(pid):
                 final = folder.with_name(folder.name[:-len(STAGING_SUFFIX)])
+                from ..recipe import resume_command
+
                 state = (f"interrupted; checkpoint after {int(latest[-1].stem.split('-')[1])} steps: resume with "
-                         f"`deepscope {marker.get('kind', 'train')} --resume {final}`")
+                         f"`{resume_command(final)}`")
         else:
             state = f"unfinished (state {marker.get('state')!r})"
         rows.append({"path": str(folder), "kind": str(marker.get("kind", "?")), "date": _date(marker, folder),

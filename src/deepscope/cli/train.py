@@ -139,17 +139,19 @@ def _given(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..callbacks.distributed import met_alike
     from ..recipe import train
 
-    if args.resume:
-        extra = [d for d in _given(args) if d not in RESUME_OPTIONS]
-        if extra:
-            names = ", ".join("--" + d.replace("_", "-") for d in extra)
-            raise ConfigError(f"--resume continues the run with the settings it started with (its config.json); "
-                              f"drop {names}, or start a new run with them")
-        config = None
-    else:
-        config = config_from_args(args)
+    with met_alike():  # the options are every process's: under torchrun rank 0 alone says what is wrong
+        if args.resume:
+            extra = [d for d in _given(args) if d not in RESUME_OPTIONS]
+            if extra:
+                names = ", ".join("--" + d.replace("_", "-") for d in extra)
+                raise ConfigError(f"--resume continues the run with the settings it started with (its "
+                                  f"config.json); drop {names}, or start a new run with them")
+            config = None
+        else:
+            config = config_from_args(args)
     result = train(config, quiet=args.quiet, overwrite=args.overwrite, resume=args.resume,
                    report=None if args.report else False)
     from .. import distributed
