@@ -278,3 +278,16 @@ def test_a_busy_machine_gets_one_hint_per_fit(cpu, hinted, one_thread):
     assert text.count("hint: this epoch took") == (1 if hinted else 0)
     if hinted:
         assert "other processes are using the cores" in text and "--threads" in text
+
+
+def test_no_busy_hint_under_torchrun_or_while_torch_compile_works(one_thread, monkeypatch):
+    from deepscope import distributed
+    from deepscope.callbacks import Compile
+
+    out = io.StringIO()  # a compiling first epoch: the compiler's worker processes did part of the work
+    make([MetricsCallback(), Compile("eager"), ProgressCallback(bars=False, file=out, clock=FakeClock(10.0, 0.5))]).fit(1)
+    assert "hint: this epoch took" not in out.getvalue()
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # processes of one job share the cores by design
+    out = io.StringIO()
+    make([MetricsCallback(), ProgressCallback(bars=False, file=out, clock=FakeClock(10.0, 0.5))]).fit(2)
+    assert "hint: this epoch took" not in out.getvalue()

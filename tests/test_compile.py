@@ -121,6 +121,7 @@ def test_watch_records_a_model_the_user_compiled():
                 opt.step()
         s = w.stats()
         assert s.modules == ["0", "1", "2", "3", "4"], watched  # no `_orig_mod.` prefix
+        assert w.settings()["model"] == "Sequential", watched  # the model inside, not OptimizedModule
         assert len(s.steps) == 3 and np.isfinite(s.act_mean).all() and np.isfinite(s.grad_norm).all(), watched
 
 

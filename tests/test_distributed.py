@@ -380,7 +380,7 @@ def test_the_distributed_callback_prints_the_batchnorm_warning_once_on_rank_0(mo
             for _ in range(2):  # two fits (an LR sweep, then the fit): one warning
                 cb.before_fit(learn)
                 cb.cleanup_fit(learn)
-        assert capsys.readouterr().out.count("4 samples per process (8 over 2 processes") == printed
+        assert capsys.readouterr().err.count("4 samples per process (8 over 2 processes") == printed  # a warning: stderr
 
 
 def test_the_backend_suits_the_device_trained_on(monkeypatch):

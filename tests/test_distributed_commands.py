@@ -149,3 +149,18 @@ def test_other_ranks_skip_a_single_process_command_and_say_nothing(monkeypatch, 
     assert main(["runs", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.count("does not exist") == 1 and "rank 0 runs it and the other 1 process exits at once" in err
+
+
+def test_doctor_judges_batchnorm_on_each_processs_share():
+    from torch import nn
+
+    from deepscope.cli.doctor import _batchnorm_per_process
+    from deepscope.data.loaders import TensorBatches
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    train = TensorBatches(torch.randn(64, 1, 8, 8), torch.zeros(64, dtype=torch.long), 8, shuffle=True)
+    found = _batchnorm_per_process(model, train, 2)  # 8 a global batch: 4 per process
+    assert [f.kind for f in found] == ["batchnorm_small_batch"]
+    assert "4 samples per process (8 over 2 processes" in found[0].message
+    assert train.world_size == 1  # the doctor's own data is left whole
+    assert _batchnorm_per_process(model, TensorBatches(train.x, train.y, 16), 2) == []  # 8 per process: enough

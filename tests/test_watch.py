@@ -194,7 +194,9 @@ def test_report_path_rules_and_settings(tmp_path, one_thread, monkeypatch):
         m.setattr(deepscope.report, "render_run", lambda run: "<html>stand-in</html>")
         assert w.report(tmp_path / "new" / "folder") == tmp_path / "new" / "folder" / "report.html"
         assert w.report(tmp_path / "mine.html") == tmp_path / "mine.html"
+        assert w.report(tmp_path / "not" / "yet" / "a.html") == tmp_path / "not" / "yet" / "a.html"  # folders made
     assert (tmp_path / "new" / "folder" / "report.html").is_file() and (tmp_path / "mine.html").is_file()
+    assert (tmp_path / "not" / "yet" / "a.html").is_file()
     html = w.report(tmp_path / "x.html", config={"batch_size": 16}).read_text()
     for text in ("AdamW", "0.003", "0.05", "batch_size"):
         assert text in html, text

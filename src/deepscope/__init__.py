@@ -6,8 +6,9 @@ from .callback import (
     CancelTrainException, CancelValidateException,
 )
 from .callbacks import (
-    Checkpoint, CosineSchedule, DeviceCallback, EarlyStopping, GradClip, LimitBatches, MetricsCallback, MixedPrecision,
-    OneCycle, ParamScheduler, ProgressCallback, Recorder, SaveBest, SingleBatch, default_callbacks,
+    Checkpoint, Compile, CosineSchedule, DeviceCallback, Distributed, EarlyStopping, GradClip, LimitBatches,
+    MetricsCallback, MixedPrecision, OneCycle, ParamScheduler, ProgressCallback, Recorder, SaveBest, SingleBatch,
+    default_callbacks,
 )
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cpu_memory import keep_freed_memory
@@ -29,5 +30,5 @@ __all__ = [
     "DataLoaders", "TensorBatches", "image_dls", "Learner", "TrainStep", "cnn", "get_model", "resnet", "set_seed",
     "diagnose", "Diagnose", "Finding", "Hook", "Hooks", "select_modules", "LRFindResult", "lr_find",
     "ActivationStats", "Stats", "StatsRecorder", "load_stats", "watch", "Watch", "keep_freed_memory", "CosineSchedule", "EarlyStopping", "GradClip", "MixedPrecision", "SaveBest",
-    "Checkpoint", "load_checkpoint", "save_checkpoint", "export_model", "export_run",
+    "Checkpoint", "load_checkpoint", "save_checkpoint", "export_model", "export_run", "Compile", "Distributed",
 ]

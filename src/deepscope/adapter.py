@@ -63,9 +63,10 @@ def findings_of(stats: Stats, losses: list[float], n_classes: int | None = None,
 
 
 def report_path(path: str | Path) -> Path:
-    """`path` itself when it ends in .html, else `path/report.html` (the folder is made if missing)."""
+    """`path` itself when it ends in .html, else `path/report.html`; the folder is made if missing."""
     path = Path(path)
     if path.suffix.lower() in (".html", ".htm"):
+        path.parent.mkdir(parents=True, exist_ok=True)
         return path
     path.mkdir(parents=True, exist_ok=True)
     return path / "report.html"

@@ -27,7 +27,7 @@ from torch import nn
 
 from .adapter import LossLog, analysis_of, write_report
 from .errors import ConfigError
-from .hooks import opaque
+from .hooks import opaque, unwrapped
 from .stats.engine import SAMPLE_SIZE, ModuleSpec, StatsRecorder
 from .stats.format import Stats
 
@@ -261,7 +261,7 @@ class Watch:
     def settings(self) -> dict:
         """What the report shows as this run's configuration: the model, the watch options and the
         optimiser with its first parameter group's hyper-parameters."""
-        out = {"model": type(self.model).__name__, **self.options}
+        out = {"model": type(unwrapped(self.model)).__name__, **self.options}
         if self.optimizer is not None:
             group = self.optimizer.param_groups[0]
             out["optimizer"] = type(self.optimizer).__name__
@@ -279,7 +279,7 @@ class Watch:
         settings to show beside the optimiser's (e.g. {"batch_size": 64}). No run folder is needed."""
         param = next(self.model.parameters(), None)
         seconds = time.perf_counter() - self._started if self._started else None
-        return write_report(path, title=f"deepscope watch: {type(self.model).__name__}",
+        return write_report(path, title=f"deepscope watch: {type(unwrapped(self.model)).__name__}",
                             settings={**self.settings(), **(config or {})}, stats=self.stats(),
                             losses=self.losses, findings=self.findings(),
                             device=param.device if param is not None else "cpu", wall_seconds=seconds)

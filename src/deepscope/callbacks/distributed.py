@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -81,13 +82,14 @@ class Distributed(Callback):
         if not isinstance(train, TensorBatches) and not hasattr(getattr(train, "sampler", None), "set_epoch") \
                 and distributed.is_main():
             print("deepscope: warning: the training data is not TensorBatches and has no DistributedSampler, so "
-                  "every process may train on the same items; shard it (torch.utils.data.DistributedSampler)")
+                  "every process may train on the same items; shard it (torch.utils.data.DistributedSampler)",
+                  file=sys.stderr)
         if rank:  # each rank its own stream for dropout and other random layers; rank 0 keeps its own
             torch.manual_seed(torch.initial_seed() + rank)
         if distributed.is_main() and not self._warned:
             warning = batchnorm_warning(learn.model, learn.dls.train, world)
             if warning:
-                print(warning)
+                print(warning, file=sys.stderr)
                 self._warned = True
         device = next(learn.model.parameters()).device
         self.ddp = nn.parallel.DistributedDataParallel(

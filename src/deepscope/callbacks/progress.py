@@ -95,6 +95,13 @@ class ProgressCallback(Callback):
         param = next(learn.model.parameters(), None)
         if param is not None and param.device.type != "cpu":
             return None
+        from .. import distributed
+        from .training import Compile
+
+        if distributed.world_size() > 1:  # the job's processes share the cores, by design
+            return None
+        if learn.epoch == 0 and any(isinstance(cb, Compile) for cb in learn.cbs):
+            return None  # torch.compile's workers (other processes) did part of this epoch's work
         (wall0, cpu0), (wall1, cpu1) = self._epoch_start, self.clock()
         wall, cpu, threads = wall1 - wall0, cpu1 - cpu0, torch.get_num_threads()
         if wall < 2.0 or cpu >= BUSY_CPU_SHARE * wall * threads:

@@ -26,6 +26,23 @@ class FirstBatches:
         return itertools.islice(iter(self.batches), self.n)
 
 
+def _batchnorm_per_process(model, train, world: int) -> list:
+    """The small-BatchNorm-batch finding for the batches one process of a `world`-process DDP job takes."""
+    import copy
+
+    from ..diagnose.preflight import is_batchnorm, last_batch_size, process_batch_size
+    from ..diagnose.setup_checks import check_batchnorm_batch
+
+    share = copy.copy(train)
+    if hasattr(share, "shard"):
+        share.shard(0, world, even=True)  # rank 0's share, as the Distributed callback cuts it
+        batch = process_batch_size(share)
+    else:  # a DataLoader: a DistributedSampler would give each process batch_size items
+        batch = getattr(train, "batch_size", None)
+    bns = [n for n, m in model.named_modules() if is_batchnorm(m)]
+    return check_batchnorm_batch(bns, batch, last_batch_size(share), world_size=world) if batch else []
+
+
 def add_parser(subparsers) -> None:
     from ..diagnose.thresholds import DOCTOR_STEPS
 
@@ -74,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         analysis = diagnose_run(model, batches, torch.nn.functional.cross_entropy, steps=args.steps, lr=config.lr,
                                 opt_func=make_optimizer_factory(config), save_dir=run.path)
         findings = analysis.findings
+        if world > 1:  # BatchNorm in the DDP job normalises each process's share: judge that, not the global batch
+            findings = [f for f in findings if f.kind != "batchnorm_small_batch"] + \
+                _batchnorm_per_process(model, dls.train, world)
         # The batch was saved in the staging folder, which becomes the run folder: name the final place.
         findings = [moved_paths(f, str(run.path), str(run.final)) for f in findings]
         save_findings(run.file(FINDINGS), findings)
