@@ -484,3 +484,19 @@ def test_resume_of_a_checkpoint_file_says_it_takes_the_run_folder(tmp_path, caps
     assert main(["train", "--resume", str(tmp_path / "step-00000004.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "is a file; --resume takes the folder of the interrupted run" in err and "resume_from=FILE" in err
+
+
+@pytest.mark.parametrize("signum, launched, advice", [
+    (2, False, "press Ctrl-C again to stop at once"), (15, False, "Ctrl-C stops at once"),
+    (2, True, "to stop at once, kill the job")])  # under torchrun a second Ctrl-C arrives as SIGTERM
+def test_the_stop_line_says_how_to_stop_at_once(signum, launched, advice, monkeypatch):
+    from deepscope import distributed, errors
+
+    monkeypatch.setattr(distributed, "launched", lambda: launched)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    said = []
+    try:
+        errors.stops_at_boundaries(say=said.append)._handler(signum, None)
+    finally:
+        errors.clear_pending_interrupt()
+    assert len(said) == 1 and said[0].endswith(f"writing a checkpoint ({advice})"), said

@@ -122,8 +122,10 @@ class stops_at_boundaries:
         from . import distributed
 
         if distributed.is_main():
-            self.say(f"deepscope: {name}: stopping at the next batch boundary and writing a checkpoint "
-                     f"(press Ctrl-C again to stop at once)")
+            # under torchrun a second Ctrl-C reaches the processes as SIGTERM, which a stop in progress ignores
+            now = ("to stop at once, kill the job" if distributed.launched() else
+                   "press Ctrl-C again to stop at once" if signum == signal.SIGINT else "Ctrl-C stops at once")
+            self.say(f"deepscope: {name}: stopping at the next batch boundary and writing a checkpoint ({now})")
 
     def __enter__(self) -> "stops_at_boundaries":
         import signal

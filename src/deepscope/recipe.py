@@ -263,7 +263,7 @@ def _keep_what_ran(run: RunFolder, learn: Learner, config: TrainConfig, error: B
     run.keep_unfinished(f"{at}; the run so far is kept in {run.path} with its checkpoints (latest: "
                         f"{where.name if where else 'none'}). Resume it with: {resume_command(run.final)}.{old}")
     if isinstance(error, Interrupted) and getattr(error, "at_batch_boundary", False):
-        run.log("writing what ran and its report (press Ctrl-C again to skip)")
+        run.log(f"writing what ran{' and its report' if config.report else ''} (press Ctrl-C again to skip)")
         wrote = run.optional("results", lambda: _write_results(run, learn))
         run.write_config(config.to_dict(), environment=environment(learn.get_cb(DeviceCallback).device),
                          data=learn.dls.info, wall_seconds=time.perf_counter() - started,
