@@ -182,7 +182,7 @@ def test_stats_sample_option(tiny_data, tmp_path, capsys):
     for sample in ("4096", "0"):
         out = tmp_path / f"run{sample}"
         assert main(["train", "--data-dir", str(tiny_data), "--out", str(out), *args, "--epochs", "1",
-                     "--stats-sample", sample]) == 0
+                     "--stats-sample", sample, "--no-report"]) == 0
         stats = load_stats(out)
         counts[sample] = stats.act_hist[0, stats.modules.index("block0.conv")].sum()
     assert counts["4096"] == 4096 and counts["0"] == 16 * 4 * 14 * 14  # 0: every value of the 16x4x14x14 output
