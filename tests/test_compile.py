@@ -153,8 +153,10 @@ def test_train_compile_flag(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--data-dir", str(tiny_data), "--out", str(out), "--no-verify", "--epochs", "1",
                  "--batch-size", "32", "--nfs", "4", "8", "--device", "cpu", "--compile", "aot_eager", "--quiet",
-                 "--no-report"])
-    assert code == 0, capsys.readouterr().err
+                 "--no-report", "--sync-batchnorm"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "--sync-batchnorm has no effect in a single process" in err  # said, not silently accepted
     assert json.loads((out / "config.json").read_text())["config"]["compile"] == "aot_eager"
     from deepscope.stats import load_stats
 
@@ -175,3 +177,16 @@ def test_train_compile_flag(tiny_data, tmp_path, capsys):
         cbs = looking_inside_callbacks(TrainConfig(replay=replay), None)
         assert next(c for c in cbs if isinstance(c, Diagnose)).replay is replay
     assert isinstance(CompiledStep(TrainStep()), TrainStep)
+
+
+def test_lr_find_sweeps_compiled_as_train_would(tiny_data, tmp_path, capsys, monkeypatch):
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(kw["backend"]) or real(module, **kw))
+    out = tmp_path / "lr"
+    code = main(["lr-find", "--data-dir", str(tiny_data), "--out", str(out), "--no-verify", "--batch-size", "16",
+                 "--nfs", "4", "--device", "cpu", "--num-it", "6", "--compile", "aot_eager"])
+    assert code in (0, 1), capsys.readouterr().err  # 1: too few points for a suggestion, which is fine here
+    assert json.loads((out / "config.json").read_text())["config"]["compile"] == "aot_eager"
+    assert len(json.loads((out / "lr_find.json").read_text())["lrs"]) >= 2
+    assert compiled and set(compiled) == {"aot_eager"}  # the sweep's forward pass went through torch.compile

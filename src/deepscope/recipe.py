@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,6 +323,9 @@ def train(config: TrainConfig | None, *, progress: bool = True, quiet: bool = Fa
     with run:
         if distributed.active():
             check_world(config.batch_size)  # before the data is read
+        elif config.sync_batchnorm:
+            print("deepscope: warning: --sync-batchnorm has no effect in a single process (BatchNorm already sees "
+                  "the whole batch); it is for jobs started with torchrun", file=sys.stderr)
         if checkpoint is None:  # first, so that a killed run can be resumed with its own settings
             run.write_config(config.to_dict(), environment=environment(config.device))
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .options import EVERY_RANK, positive_float, positive_int
-from .train import add_config_arguments, config_from_args
+from .train import add_compile_argument, add_config_arguments, config_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -21,6 +21,7 @@ def add_parser(subparsers) -> None:
     sweep.add_argument("--start-lr", type=positive_float, default=1e-7, help="first lr (default: %(default)s)")
     sweep.add_argument("--end-lr", type=positive_float, default=10.0, help="last lr (default: %(default)s)")
     sweep.add_argument("--num-it", type=positive_int, default=100, help="training batches in the sweep (default: %(default)s)")
+    add_compile_argument(sweep)  # the sweep runs as `train --compile` would
     sweep.add_argument("--sync-batchnorm", action="store_true",
                        help="under torchrun: BatchNorm layers take their statistics over the whole global batch "
                             "(torch's SyncBatchNorm, CUDA only), as `deepscope train --sync-batchnorm` would")

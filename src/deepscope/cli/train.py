@@ -72,6 +72,15 @@ def add_config_arguments(p: argparse.ArgumentParser, run_prefix: str = "train") 
                           "old run are deleted. A folder of other files is never touched")
 
 
+def add_compile_argument(group) -> None:
+    """--compile [BACKEND] (TrainConfig.compile), for the commands that train with the Learner."""
+    group.add_argument("--compile", nargs="?", const="inductor", default=DEFAULTS.compile, metavar="BACKEND",
+                       help="run the forward pass through torch.compile (BACKEND: inductor when not given; "
+                            "aot_eager only traces, to check that the model compiles). The first batch pays the "
+                            "compilation; statistics hooks run outside the compiled graph, which is cut at each "
+                            "watched module (--no-stats keeps it whole)")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = TrainConfig.__dataclass_fields__
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -101,11 +110,7 @@ def add_parser(subparsers) -> None:
     long.add_argument("--sync-batchnorm", action="store_true",
                       help="under torchrun: BatchNorm layers take their statistics over the whole global batch "
                            "(torch's SyncBatchNorm) instead of each process's share")
-    long.add_argument("--compile", nargs="?", const="inductor", default=d.compile, metavar="BACKEND",
-                      help="run the forward pass through torch.compile (BACKEND: inductor when not given; "
-                           "aot_eager only traces, to check that the model compiles). The first batch pays the "
-                           "compilation; statistics hooks run outside the compiled graph, which is cut at each "
-                           "watched module (--no-stats keeps it whole)")
+    add_compile_argument(long)
     long.add_argument("--no-replay", dest="replay", action="store_false",
                       help="do not check each training step for NaN/Inf to replay the first bad one (the check is "
                            "one read-back per step, which on a GPU is a sync); the statistics still show where NaN "
