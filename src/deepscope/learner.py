@@ -330,7 +330,10 @@ class Learner:
         checksum matches), or a state from `state_dict`: the fit continues from there, as if it had never
         stopped (bit for bit on the CPU with the same callbacks, data and thread count). The fit must be the
         one the checkpoint was taken in: same `n_epochs`, model, optimizer and stateful callbacks, else
-        CheckpointError naming what differs."""
+        CheckpointError naming what differs. A checkpoint taken at the end of the last epoch leaves nothing to
+        train: the fit puts its state back (weights, metrics, records) and ends, as the uninterrupted fit did
+        (how `train --resume` finishes a run killed while writing its results). To train such a model
+        further, load its weights into a new fit instead."""
         if not isinstance(n_epochs, int) or n_epochs <= 0:
             raise ConfigError(f"number of epochs must be a positive integer, got {n_epochs!r}")
         resume = self._load_resume(resume_from, n_epochs, train) if resume_from is not None else None
