@@ -500,3 +500,23 @@ def test_the_stop_line_says_how_to_stop_at_once(signum, launched, advice, monkey
     finally:
         errors.clear_pending_interrupt()
     assert len(said) == 1 and said[0].endswith(f"writing a checkpoint ({advice})"), said
+
+
+def test_a_resumed_epoch_counts_the_seconds_it_ran_before_the_stop():
+    import time
+
+    from deepscope.callbacks import MetricsCallback
+
+    before = MetricsCallback()
+    before.before_epoch(None)
+    before._started -= 5.0  # the epoch has run 5 s when the checkpoint is taken, mid-epoch
+    state = before.state_dict()
+    after = MetricsCallback()
+    after.before_epoch(None)  # the resumed epoch starts (Learner: before_epoch, then load_state_dict)
+    after.load_state_dict(state)
+    assert 5.0 <= time.perf_counter() - after._started < 6.0
+    before._in_epoch = False  # at an epoch's end the next epoch starts afresh
+    fresh = MetricsCallback()
+    fresh.before_epoch(None)
+    fresh.load_state_dict(before.state_dict())
+    assert time.perf_counter() - fresh._started < 1.0

@@ -67,7 +67,7 @@ class MetricsCallback(Callback):
         self.loss = {"train": WeightedMean(), "valid": WeightedMean()}
         self._train: dict[str, Metric] = {}  # copies of `metrics` fed with training batches
         self.history: list[dict] = []
-        self._started = 0.0
+        self._started, self._in_epoch = 0.0, False
         self._resumed_train: dict | None = None  # training metrics' states from a checkpoint, until they exist
 
     def _ensure_metrics(self, learn) -> None:
@@ -125,12 +125,15 @@ class MetricsCallback(Callback):
                                  for name, m in self._train.items()}}
         # under DDP each rank's running sums cover its own share: kept per rank (a collective)
         by_rank = distributed.gather_objects(own) if distributed.active() else [own]
-        return {"history": [dict(r) for r in self.history], "by_rank": by_rank}
+        # the seconds this epoch had run when the checkpoint was taken mid-epoch: a resumed epoch counts them too
+        elapsed = time.perf_counter() - self._started if self._in_epoch else 0.0
+        return {"history": [dict(r) for r in self.history], "by_rank": by_rank, "epoch_seconds": elapsed}
 
     def load_state_dict(self, state: dict) -> None:
         from .. import distributed
 
         self.history = [dict(r) for r in state["history"]]
+        self._started -= state.get("epoch_seconds", 0.0)  # loaded after the resumed epoch's before_epoch
         state = state["by_rank"][distributed.rank()] if len(state["by_rank"]) == distributed.world_size() else \
             state["by_rank"][0]
         loss = self.loss["train"]
@@ -148,7 +151,7 @@ class MetricsCallback(Callback):
         self._resumed_train = None
 
     def before_epoch(self, learn) -> None:
-        self._started = time.perf_counter()
+        self._started, self._in_epoch = time.perf_counter(), True
         for m in [*self.loss.values(), *(self.metrics or {}).values(), *self._train.values()]:
             m.reset()
 
@@ -171,6 +174,7 @@ class MetricsCallback(Callback):
         for name, metric in self._train.items():
             record[f"train_{name}"] = float(metric.compute()) if metric.update_called else None
         record["seconds"] = time.perf_counter() - self._started
+        self._in_epoch = False
         self.history.append(record)
         # the epoch's training sums are spent: a checkpoint at the epoch's end must not carry them into the next
         self.loss["train"].reset()
