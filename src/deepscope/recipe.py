@@ -28,7 +28,7 @@ from .norms import NORM_KINDS
 from .optim import OPTIMIZERS
 from .runfolder import (
     CHECKPOINTS, CHECKS, EXPORT, FINDINGS, METRICS, RECORDER, REPORT, STATS, WEIGHTS, RunFolder, environment, has_checkpoints,
-    read_config, shared_run,
+    read_config, resume_command, shared_run, unfinished_config,
 )
 from .seed import set_seed
 from .stats import ActivationStats
@@ -168,27 +168,8 @@ def _planned_device(config: TrainConfig | None, resume) -> str:
     config's, or for a resumed run the one in its config.json (this machine's copy; "auto" if unreadable)."""
     if config is not None:
         return config.device
-    for folder in (Path(f"{resume}.partial"), Path(resume)):
-        try:
-            return read_config(folder)["config"].get("device", "auto")
-        except Exception:  # noqa: BLE001 - rank 0 reports an unreadable run; the backend then does not matter
-            continue
-    return "auto"
-
-
-def resume_command(final: Path) -> str:
-    """The command that continues a run: with the number of processes it trained with (its config.json's
-    environment; this job's when not recorded), under torchrun when more than one."""
-    processes = distributed.world_size()
-    for folder in (final.with_name(final.name + ".partial"), final):
-        try:
-            processes = int(read_config(folder)["environment"].get("processes", processes))
-            break
-        except Exception:  # noqa: BLE001 - no readable config.json there: this job's count
-            continue
-    if processes > 1:
-        return f"torchrun --nproc-per-node {processes} -m deepscope train --resume {final}"
-    return f"deepscope train --resume {final}"
+    saved = unfinished_config(resume)
+    return (saved or {}).get("config", {}).get("device", "auto")
 
 
 def no_checkpoint_message(folder: Path) -> str:

@@ -286,7 +286,7 @@ class RunFolder:
         run._write_marker(staging, state="writing")
         # it existed before this process: whatever stops this one, it is kept, with its checkpoints
         run.kept = True
-        run.outcome = f"the unfinished run is kept in {staging}; resume it with: deepscope {kind} --resume {final}"
+        run.outcome = f"the unfinished run is kept in {staging}; resume it with: {resume_command(final)}"
         return run
 
     def discard(self, name: str) -> None:
@@ -686,6 +686,35 @@ def _json_name(py: str) -> str:
             "NoneType": "null", "bool": "boolean"}.get(py, py)
 
 
+def unfinished_config(run_dir: str | Path) -> dict | None:
+    """config.json of the run `run_dir` names (with or without .partial), read from its unfinished folder
+    first, then from the finished one; None when neither can be read."""
+    given = Path(run_dir)
+    final = given.with_name(given.name[:-len(STAGING_SUFFIX)]) if given.name.endswith(STAGING_SUFFIX) else given
+    for folder in (final.with_name(final.name + STAGING_SUFFIX), final):
+        try:
+            return read_config(folder)
+        except Exception:  # noqa: BLE001 - missing or unreadable there
+            continue
+    return None
+
+
+def resume_command(final: Path) -> str:
+    """The command that continues the run `final`: with the number of processes it trained with (its
+    config.json's environment; this job's when not recorded), under torchrun when more than one."""
+    from . import distributed
+
+    config = unfinished_config(final)
+    processes = distributed.world_size()
+    try:
+        processes = int(config["environment"].get("processes", processes)) if config else processes
+    except (TypeError, ValueError):
+        pass
+    if processes > 1:
+        return f"torchrun --nproc-per-node {processes} -m deepscope train --resume {final}"
+    return f"deepscope train --resume {final}"
+
+
 def read_config(run_dir: str | Path) -> dict:
     """config.json of a run in the one schema: `kind`, `config` (the command's settings), `options`,
     `data`, `environment` (dicts) and `wall_seconds` (number or null). Runs of older versions, whose
@@ -714,9 +743,7 @@ def environment(device: torch.device | str) -> dict:
     """What produced a result: versions, device, threads, processes."""
     import numpy
 
-    from . import __version__
-
-    from . import distributed
+    from . import __version__, distributed
 
     env = {"deepscope": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
            "python": platform.python_version(), "platform": platform.platform(), "device": str(device),

@@ -111,19 +111,25 @@ class Distributed(Callback):
         self.ddp = None
 
 
-def batchnorm_warning(model: nn.Module, train, world: int) -> str | None:
-    """The warning to print when `model`'s BatchNorm layers normalise too few items per process over `world`
-    processes, from the training data `train` (a sharded TensorBatches, or a DataLoader whose batch_size is
-    already per process): the finding of the diagnosis's check (`batchnorm_small_batch`), or None."""
+def batchnorm_findings(model: nn.Module, train, world: int) -> list:
+    """The diagnosis's `batchnorm_small_batch` finding (or none) for `model`'s BatchNorm layers over `world`
+    processes, from the training data one process takes, `train`: a sharded TensorBatches, or a DataLoader
+    whose batch_size is already per process."""
     from ..diagnose.preflight import is_batchnorm, last_batch_size, process_batch_size
     from ..diagnose.setup_checks import check_batchnorm_batch
 
     batch = process_batch_size(train)
     if batch is None:
-        return None
+        return []
     bns = [n for n, m in model.named_modules() if is_batchnorm(m)]
     synced = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
-    found = check_batchnorm_batch(bns, batch, last_batch_size(train), world_size=world, synced=synced)
+    return check_batchnorm_batch(bns, batch, last_batch_size(train), world_size=world, synced=synced)
+
+
+def batchnorm_warning(model: nn.Module, train, world: int) -> str | None:
+    """The warning to print when `model`'s BatchNorm layers normalise too few items per process
+    (`batchnorm_findings`), or None."""
+    found = batchnorm_findings(model, train, world)
     return "\n".join(f"deepscope: warning: {f.message} {f.fix}" for f in found) or None
 
 

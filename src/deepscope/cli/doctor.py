@@ -27,20 +27,17 @@ class FirstBatches:
 
 
 def _batchnorm_per_process(model, train, world: int) -> list:
-    """The small-BatchNorm-batch finding for the batches one process of a `world`-process DDP job takes."""
+    """The small-BatchNorm-batch finding for the batches one process of a `world`-process DDP job takes:
+    rank 0's share of `train`, cut as the Distributed callback cuts it (a DataLoader's batch_size is already
+    per process, a DistributedSampler sharing out the items)."""
     import copy
 
-    from ..diagnose.preflight import is_batchnorm, last_batch_size, process_batch_size
-    from ..diagnose.setup_checks import check_batchnorm_batch
+    from ..callbacks.distributed import batchnorm_findings
 
     share = copy.copy(train)
     if hasattr(share, "shard"):
-        share.shard(0, world, even=True)  # rank 0's share, as the Distributed callback cuts it
-        batch = process_batch_size(share)
-    else:  # a DataLoader: a DistributedSampler would give each process batch_size items
-        batch = getattr(train, "batch_size", None)
-    bns = [n for n, m in model.named_modules() if is_batchnorm(m)]
-    return check_batchnorm_batch(bns, batch, last_batch_size(share), world_size=world) if batch else []
+        share.shard(0, world, even=True)
+    return batchnorm_findings(model, share, world)
 
 
 def add_parser(subparsers) -> None:

@@ -100,7 +100,7 @@ def find_runs(root: Path) -> list[dict]:
             latest = step_checkpoints(folder / CHECKPOINTS)
             if latest and not _alive(pid):
                 final = folder.with_name(folder.name[:-len(STAGING_SUFFIX)])
-                from ..recipe import resume_command
+                from ..runfolder import resume_command
 
                 state = (f"interrupted; checkpoint after {int(latest[-1].stem.split('-')[1])} steps: resume with "
                          f"`{resume_command(final)}`")
